@@ -1,0 +1,42 @@
+"""The interface every netfilter backend implements (and the fake one for unit tests)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..plan import Plan
+
+
+class ApplyKind(enum.StrEnum):
+    NONE = "none"  # the kernel already held this plan
+    MAPS = "maps"  # only map contents changed: a link state change
+    FULL = "full"  # the ruleset's structure changed: rebuilt in one transaction
+
+
+@dataclass(frozen=True)
+class AppliedState:
+    """What a backend reads back from the kernel."""
+
+    structure: str  # digest of the structural part of the ruleset
+    maps: dict[str, tuple[int, ...]] = field(default_factory=dict)  # map name -> per bucket link id
+
+
+class Backend(Protocol):
+    name: str
+
+    def check_available(self) -> None:
+        """Raise BackendUnavailable with a clear reason if this backend cannot work here."""
+
+    def render(self, plan: Plan) -> str:
+        """The complete ruleset as text a person (and `nft -f`) can read."""
+
+    def apply(self, plan: Plan) -> ApplyKind:
+        """Bring the kernel to the plan in one transaction; all or nothing."""
+
+    def read_back(self) -> AppliedState | None:
+        """What uplinkd's ruleset in the kernel currently holds; None if there is none."""
+
+    def remove(self) -> bool:
+        """Remove everything this backend added; True if there was something to remove."""

@@ -1,0 +1,41 @@
+"""A backend that keeps the applied state in memory, for unit tests of everything above it."""
+
+from __future__ import annotations
+
+from ..plan import Plan
+from .base import AppliedState, ApplyKind
+from .nftables import map_targets, structure_digest
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.state: AppliedState | None = None
+        self.applies: list[ApplyKind] = []
+
+    def check_available(self) -> None:
+        return None
+
+    def render(self, plan: Plan) -> str:
+        return f"# fake ruleset {structure_digest(plan)}\n"
+
+    def apply(self, plan: Plan) -> ApplyKind:
+        wanted = AppliedState(structure_digest(plan), map_targets(plan))
+        if self.state is None or self.state.structure != wanted.structure:
+            kind = ApplyKind.FULL
+        elif self.state.maps != wanted.maps:
+            kind = ApplyKind.MAPS
+        else:
+            kind = ApplyKind.NONE
+        self.state = wanted
+        self.applies.append(kind)
+        return kind
+
+    def read_back(self) -> AppliedState | None:
+        return self.state
+
+    def remove(self) -> bool:
+        had = self.state is not None
+        self.state = None
+        return had

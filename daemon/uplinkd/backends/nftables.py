@@ -1,0 +1,387 @@
+"""The nftables backend: renders a Plan as one `inet uplinkd` table, applies it in-process.
+
+A failover only rewrites map contents (one small transaction); anything else rebuilds the table
+atomically (`table` + `delete table` + the new table in one batch), so traffic never sees a
+half-built ruleset and conntrack marks of live flows are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .. import const
+from ..errors import ApplyError, HookError
+from ..model import Match, Nat
+from ..nftlib import Nft, NftError
+from ..plan import UNREACHABLE, Dispatch, HookLine, Plan, PlannedLink, Selector
+from .base import AppliedState, ApplyKind
+
+log = logging.getLogger(__name__)
+
+TABLE = f"{const.NFT_FAMILY} {const.NFT_TABLE}"
+_NO_LINK_CHAIN = "no_link"
+_STATE_SET = "uplinkd_state"
+# libnftables 1.0.6 crashes printing a `typeof jhash` map as text in-process (the nft command
+# does not), so uplinkd reads its table back only as JSON, where table comments are missing:
+# the structure digest lives in the comment of this empty set instead.
+_DIGEST_PREFIX = "uplinkd structure="
+
+
+def _set(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _names(devices: Iterable[str]) -> str:
+    return _set([f'"{device}"' for device in devices])
+
+
+def render_match(match: Match) -> str:
+    parts: list[str] = []
+    if match.iif:
+        parts.append(f"iifname {_names(match.iif)}")
+    if match.src:
+        parts.append(f"ip saddr {_set([str(n) for n in match.src])}")
+    if match.dst:
+        parts.append(f"ip daddr {_set([str(n) for n in match.dst])}")
+    if match.sport or match.dport:
+        proto = match.proto if match.proto in ("tcp", "udp") else None
+        if proto is None:
+            parts.append("meta l4proto { tcp, udp }")
+        header = proto or "th"
+        if match.sport:
+            parts.append(f"{header} sport {_set([str(p) for p in match.sport])}")
+        if match.dport:
+            parts.append(f"{header} dport {_set([str(p) for p in match.dport])}")
+    elif match.proto:
+        parts.append(f"meta l4proto {match.proto}")
+    return " ".join(parts)
+
+
+def _selector(dispatch: Dispatch) -> str:
+    mod = f"mod {dispatch.buckets}"
+    seed = f"seed 0x{dispatch.seed:08x}"
+    return {
+        Selector.RANDOM: f"numgen random {mod}",
+        Selector.HASH_SOURCE: f"jhash ip saddr {mod} {seed}",
+        Selector.HASH_DESTINATION: f"jhash ip daddr {mod} {seed}",
+        Selector.HASH_SOURCE_DESTINATION: f"jhash ip saddr . ip daddr {mod} {seed}",
+    }[dispatch.selector]
+
+
+def _map_type(dispatch: Dispatch) -> str:
+    # nft 1.0.6 wants typeof for maps fed by numgen/jhash; the modulus there is only a type hint.
+    return _selector(dispatch).split(" seed")[0]
+
+
+def _link_chain(link_id: int) -> str:
+    return _NO_LINK_CHAIN if link_id == UNREACHABLE else f"link_{link_id}"
+
+
+def _elements(dispatch: Dispatch) -> str:
+    return ", ".join(
+        f"{bucket} : goto {_link_chain(target)}" for bucket, target in enumerate(dispatch.targets)
+    )
+
+
+def _set_mark(what: str, mask: int, mark: int) -> str:
+    keep = ~mask & 0xFFFFFFFF
+    return f"{what} set {what} and 0x{keep:08x} or 0x{mark:08x}"
+
+
+def _mark_chains(plan: Plan) -> list[str]:
+    chains: list[str] = []
+    for link in plan.links:
+        chains.append(
+            f"\tchain link_{link.id} {{\n"
+            f'\t\tcomment "new connections via {link.name}"\n'
+            f"\t\t{_set_mark('meta mark', plan.mark_mask, link.mark)}\n"
+            f"\t\t{_set_mark('ct mark', plan.mark_mask, link.mark)}\n"
+            "\t\taccept\n\t}"
+        )
+        chains.append(
+            f"\tchain restore_{link.id} {{\n"
+            f"\t\t{_set_mark('meta mark', plan.mark_mask, link.mark)}\n"
+            "\t\taccept\n\t}"
+        )
+    # Not saved in conntrack: the connection is refused, and a retry is classified afresh.
+    chains.append(
+        f"\tchain {_NO_LINK_CHAIN} {{\n"
+        '\t\tcomment "no usable link for this rule: routed unreachable"\n'
+        f"\t\t{_set_mark('meta mark', plan.mark_mask, plan.unreachable_mark)}\n"
+        "\t\taccept\n\t}"
+    )
+    return chains
+
+
+def _restore(plan: Plan) -> list[str]:
+    if not plan.links:
+        return []
+    entries = ", ".join(f"0x{link.mark:08x} : goto restore_{link.id}" for link in plan.links)
+    return [f"ct mark and 0x{plan.mark_mask:08x} vmap {{ {entries} }}"]
+
+
+def _classify(plan: Plan) -> str:
+    lines = []
+    for dispatch in plan.dispatches:
+        match = render_match(dispatch.match)
+        lines.append(f"{match} {_selector(dispatch)} vmap @{dispatch.name}".strip())
+    return _chain("classify", [], lines)
+
+
+def _chain(name: str, header: list[str], rules: list[str]) -> str:
+    body = "".join(f"\t\t{line}\n" for line in [*header, *rules])
+    return f"\tchain {name} {{\n{body}\t}}"
+
+
+def _wan_devices(links: Sequence[PlannedLink]) -> list[str]:
+    return [link.device for link in links]
+
+
+def _prerouting(plan: Plan) -> str:
+    rules = _restore(plan)
+    # A connection arriving from an ISP belongs to that ISP: replies must leave the same way.
+    rules += [f'iifname "{link.device}" ct state new goto link_{link.id}' for link in plan.links]
+    rules.append("ct state new fib daddr type local accept")
+    rules.append("ct state new jump classify")
+    return _chain(
+        "mark_prerouting", ["type filter hook prerouting priority mangle; policy accept;"], rules
+    )
+
+
+def _output(plan: Plan) -> str:
+    rules = _restore(plan)
+    rules.append(f"meta mark and 0x{plan.mark_mask:08x} != 0 accept")  # the socket chose (SO_MARK)
+    local = ['"lo"', *(f'"{d}"' for d in plan.lan_devices)]
+    rules.append(f"oifname {_set(local)} accept")
+    rules.append("ct state new jump classify")
+    return _chain("mark_output", ["type route hook output priority mangle; policy accept;"], rules)
+
+
+def _nat(plan: Plan) -> list[str]:
+    chains = []
+    snat_rules = []
+    for link in plan.links:
+        if link.nat is Nat.MASQUERADE:
+            snat_rules.append(f'oifname "{link.device}" masquerade')
+        elif link.nat is Nat.SNAT:
+            snat_rules.append(f'oifname "{link.device}" snat ip to {link.address.ip}')
+    chains.append(
+        _chain(
+            "nat_postrouting",
+            ["type nat hook postrouting priority srcnat; policy accept;"],
+            snat_rules,
+        )
+    )
+    dnat_rules = []
+    for forward in plan.forwards:
+        devices = [
+            link.device for link in plan.links if not forward.links or link.name in forward.links
+        ]
+        if not devices:
+            continue
+        target = str(forward.host) + (f":{forward.host_port}" if forward.host_port else "")
+        dnat_rules.append(
+            f"iifname {_names(devices)} {forward.proto} dport {forward.port} dnat ip to {target}"
+        )
+    chains.append(
+        _chain(
+            "nat_prerouting",
+            ["type nat hook prerouting priority dstnat; policy accept;"],
+            dnat_rules,
+        )
+    )
+    return chains
+
+
+def _firewall(plan: Plan) -> list[str]:
+    fw = plan.firewall
+    if not fw.enabled:
+        return []
+    common = ["ct state established,related accept", "ct state invalid drop"]
+    input_rules = [
+        'iif "lo" accept',
+        *common,
+        f"icmp type echo-request limit rate {fw.icmp_rate_per_second}/second accept",
+        "udp sport 67 udp dport 68 accept",  # the router's own DHCP client on an ISP link
+    ]
+    if plan.lan_devices:
+        lans = _names(plan.lan_devices)
+        # What a LAN needs from its router: DNS, DHCP, NTP; ssh when the admin wants it.
+        input_rules.append(f"iifname {lans} udp dport {{ 53, 67, 123 }} accept")
+        input_rules.append(f"iifname {lans} tcp dport 53 accept")
+        if fw.ssh_from_lan:
+            input_rules.append(f"iifname {lans} tcp dport 22 accept")
+    forward_rules = [*common, "ct status dnat accept"]
+    lan_set = set(plan.lan_devices)
+    for group in plan.firewall_groups:
+        for device in group:
+            others = [other for other in group if other != device]
+            if device in lan_set and others:
+                forward_rules.append(f'iifname "{device}" oifname {_names(others)} accept')
+    return [
+        _chain(
+            "filter_input", ["type filter hook input priority filter; policy drop;"], input_rules
+        ),
+        _chain(
+            "filter_forward",
+            ["type filter hook forward priority filter; policy drop;"],
+            forward_rules,
+        ),
+    ]
+
+
+def _table_body(plan: Plan) -> str:
+    maps = [
+        f'\tmap {d.name} {{\n\t\ttypeof {_map_type(d)} : verdict\n\t\tcomment "rule {d.rule}"\n\t}}'
+        for d in plan.dispatches
+    ]
+    parts = [
+        *maps,
+        *_mark_chains(plan),
+        _classify(plan),
+        _prerouting(plan),
+        _output(plan),
+        *_nat(plan),
+        *_firewall(plan),
+    ]
+    return "\n".join(parts)
+
+
+def _hook_text(lines: Iterable[HookLine]) -> str:
+    return "".join(f"{line.text}\n" for line in lines)
+
+
+def structure_digest(plan: Plan) -> str:
+    """Digest of everything but map contents: what only a configuration change alters."""
+    structure = _table_body(plan) + "\n" + _hook_text(plan.nft_hook_lines)
+    return hashlib.sha256(structure.encode()).hexdigest()[:16]
+
+
+def map_targets(plan: Plan) -> dict[str, tuple[int, ...]]:
+    return {d.name: d.targets for d in plan.dispatches}
+
+
+def _table_text(plan: Plan) -> str:
+    state = (
+        f"\tset {_STATE_SET} {{\n\t\ttype mark\n"
+        f'\t\tcomment "{_DIGEST_PREFIX}{structure_digest(plan)}"\n\t}}\n'
+    )
+    return f"table {TABLE} {{\n{state}{_table_body(plan)}\n}}\n"
+
+
+def _element_commands(dispatches: Iterable[Dispatch], *, flush: bool) -> str:
+    lines = []
+    for dispatch in dispatches:
+        if flush:
+            lines.append(f"flush map {TABLE} {dispatch.name}")
+        lines.append(f"add element {TABLE} {dispatch.name} {{ {_elements(dispatch)} }}")
+    return "".join(line + "\n" for line in lines)
+
+
+def render(plan: Plan) -> str:
+    """The complete transaction of a full apply, usable as is with `nft -f`."""
+    return (
+        "#!/usr/sbin/nft -f\n"
+        "# uplinkd: the whole ruleset in one transaction (creates the table if absent, then\n"
+        "# replaces it); other tables are not touched.\n"
+        f"table {TABLE}\ndelete table {TABLE}\n"
+        + _table_text(plan)
+        + _element_commands(plan.dispatches, flush=False)
+        + _hook_text(plan.nft_hook_lines)
+    )
+
+
+def _targets(elements: list[Any]) -> tuple[int, ...]:
+    by_bucket: dict[int, int] = {}
+    for key, verdict in elements:
+        chain = verdict.get("goto", {}).get("target", "")
+        by_bucket[int(key)] = UNREACHABLE if chain == _NO_LINK_CHAIN else int(chain.split("_")[1])
+    return tuple(by_bucket[bucket] for bucket in sorted(by_bucket))
+
+
+class NftablesBackend:
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self._nft: Nft | None = None
+        self._nft_json: Nft | None = None  # see _STATE_SET: never mix formats in one context
+
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft()
+        return self._nft
+
+    @property
+    def nft_json(self) -> Nft:
+        if self._nft_json is None:
+            self._nft_json = Nft(json_output=True)
+        return self._nft_json
+
+    def check_available(self) -> None:
+        self.nft.run("list tables")
+
+    def render(self, plan: Plan) -> str:
+        return render(plan)
+
+    def read_back(self) -> AppliedState | None:
+        try:
+            items = self.nft_json.run_json(f"list table {TABLE}")
+        except NftError:
+            return None
+        structure = ""
+        maps: dict[str, tuple[int, ...]] = {}
+        for item in items:
+            if "set" in item and item["set"]["name"] == _STATE_SET:
+                structure = item["set"].get("comment", "").removeprefix(_DIGEST_PREFIX)
+            nft_map = item.get("map")
+            if nft_map and nft_map.get("map") == "verdict":
+                maps[nft_map["name"]] = _targets(nft_map.get("elem", []))
+        return AppliedState(structure, maps)
+
+    def apply(self, plan: Plan) -> ApplyKind:
+        current = self.read_back()
+        if current is None or current.structure != structure_digest(plan):
+            self._run(render(plan), plan)
+            return ApplyKind.FULL
+        changed = [d for d in plan.dispatches if current.maps.get(d.name) != d.targets]
+        if not changed:
+            return ApplyKind.NONE
+        self._run(_element_commands(changed, flush=True), plan)
+        return ApplyKind.MAPS
+
+    def _run(self, commands: str, plan: Plan) -> None:
+        try:
+            self.nft.run(commands)
+        except NftError as exc:
+            bad = self._failing_hook_line(plan)
+            if bad is not None:
+                raise HookError(
+                    bad.path, f"nftables refused this line: {exc}", line=bad.line
+                ) from exc
+            raise ApplyError(
+                f"nftables refused the transaction (nothing was applied): {exc}"
+            ) from exc
+
+    def _failing_hook_line(self, plan: Plan) -> HookLine | None:
+        """Find the first hook line that makes an otherwise valid transaction fail."""
+        if not plan.nft_hook_lines:
+            return None
+        base = f"table {TABLE}\ndelete table {TABLE}\n" + _table_text(plan)
+        text = base
+        for line in plan.nft_hook_lines:
+            text += line.text + "\n"
+            try:
+                self.nft.run(text, check_only=True)
+            except NftError:
+                return line
+        return None
+
+    def remove(self) -> bool:
+        if self.read_back() is None:
+            return False
+        self.nft.run(f"delete table {TABLE}")
+        return True

@@ -1,0 +1,43 @@
+"""Typed errors; the command line and (later) the D-Bus adapter map them to messages in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UplinkdError(Exception):
+    """Base of every error uplinkd reports to a person instead of a traceback."""
+
+
+class ConfigError(UplinkdError):
+    """A configuration that cannot be used; names the file, line and key."""
+
+    def __init__(self, path: Path | str, message: str, *, line: int = 0, key: str = "") -> None:
+        self.path = Path(path)
+        self.line = line
+        self.key = key
+        self.message = message
+        where = str(path) + (f":{line}" if line else "")
+        what = f"{key}: " if key else ""
+        super().__init__(f"{where}: {what}{message}")
+
+
+class DiscoveryError(UplinkdError):
+    """The host's interfaces cannot carry the configuration (no usable link at all)."""
+
+
+class HookError(UplinkdError):
+    """A hook file that cannot be used; names the file and line."""
+
+    def __init__(self, path: Path | str, message: str, *, line: int = 0) -> None:
+        self.path = Path(path)
+        self.line = line
+        super().__init__(f"{path}" + (f":{line}" if line else "") + f": {message}")
+
+
+class ApplyError(UplinkdError):
+    """The kernel refused a transaction; nothing of it was applied."""
+
+
+class BackendUnavailable(UplinkdError):
+    """The chosen netfilter backend cannot work on this host."""

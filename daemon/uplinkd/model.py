@@ -1,0 +1,155 @@
+"""The configuration as plain, validated data (produced by config.py and balanceconf.py)."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import const
+
+
+class Method(enum.StrEnum):
+    WEIGHTED = "weighted"
+    PRIORITY = "priority"
+    OVERFLOW = "overflow"
+    PERSISTENCE = "persistence"
+    LEAST_USED = "least-used"
+    LOWEST_LATENCY = "lowest-latency"
+    ENFORCED = "enforced"
+    FASTEST_RESPONSE = "fastest-response"
+
+
+# The methods the planner implements today; the measured four come with link measurements.
+PLANNED_METHODS = frozenset({Method.WEIGHTED, Method.PRIORITY, Method.PERSISTENCE, Method.ENFORCED})
+
+
+class HashBy(enum.StrEnum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+    SOURCE_DESTINATION = "source+destination"
+
+
+class Nat(enum.StrEnum):
+    MASQUERADE = "masquerade"
+    SNAT = "snat"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """Link monitoring settings; names and meanings are foolsm's, defaults are uplinkd's faster ones."""
+
+    interval_ms: int = 200  # foolsm: 1000
+    timeout_ms: int = 500  # foolsm: 1000
+    max_packet_loss: int = 20  # percent of the window; foolsm: 15
+    max_successive_pkts_lost: int = 3  # foolsm: 7
+    min_packet_loss: int = 10  # percent; foolsm: 5
+    min_successive_pkts_rcvd: int = 5  # foolsm: 10
+    long_down_time: int = 60  # seconds; foolsm: 120
+    warn_email: str = ""
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    name: str
+    device: str
+    gateway: ipaddress.IPv4Address | None = None  # None: discover
+    weight: int = 1
+    priority: int = 1  # 1 = first choice for priority rules
+    targets: tuple[ipaddress.IPv4Address, ...] = ()
+    reliability: int = 1
+    bandwidth_down_mbps: float | None = None
+    bandwidth_up_mbps: float | None = None
+    nat: Nat = Nat.MASQUERADE
+    monitor: Monitor = field(default_factory=Monitor)
+    line: int = 0  # where it was defined, for error messages
+
+
+@dataclass(frozen=True)
+class LanConfig:
+    name: str
+    device: str
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class Match:
+    """A traffic class; empty fields match anything."""
+
+    src: tuple[ipaddress.IPv4Network, ...] = ()
+    dst: tuple[ipaddress.IPv4Network, ...] = ()
+    proto: str | None = None  # tcp | udp | icmp
+    sport: tuple[PortRange, ...] = ()
+    dport: tuple[PortRange, ...] = ()
+    iif: tuple[str, ...] = ()  # input devices
+
+    def is_empty(self) -> bool:
+        return not (self.src or self.dst or self.proto or self.sport or self.dport or self.iif)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    method: Method
+    match: Match = field(default_factory=Match)
+    links: tuple[str, ...] = ()  # empty: every link
+    by: HashBy = HashBy.SOURCE  # persistence only
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PortForward:
+    port: PortRange
+    host: ipaddress.IPv4Address
+    host_port: int | None = None  # None: same port
+    proto: str = "tcp"
+    links: tuple[str, ...] = ()  # empty: arriving on any link
+
+
+@dataclass(frozen=True)
+class Firewall:
+    """Net-ISP-Balance's restrictive firewall; off unless asked for."""
+
+    enabled: bool = False
+    # Each group lists link and LAN names whose members may forward to each other.
+    forwarding_groups: tuple[tuple[str, ...], ...] = ()
+    ssh_from_lan: bool = True
+    icmp_rate_per_second: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    format: str  # "toml" | "balance.conf"
+    links: tuple[LinkConfig, ...]
+    lans: tuple[LanConfig, ...] = ()
+    rules: tuple[Rule, ...] = ()  # ordered, first match wins; excludes the default
+    default: Rule = field(default_factory=lambda: Rule(name="default", method=Method.WEIGHTED))
+    forwards: tuple[PortForward, ...] = ()
+    firewall: Firewall = field(default_factory=Firewall)
+    mark_mask: int = const.DEFAULT_MARK_MASK
+    table_base: int = const.DEFAULT_TABLE_BASE
+    rule_priority: int = const.DEFAULT_RULE_PRIORITY
+    backend: str = "nftables"
+    stop_removes_datapath: bool = False  # on SIGTERM; default keeps traffic flowing
+
+    @property
+    def hook_root(self) -> Path:
+        return self.path.parent
+
+    def link(self, name: str) -> LinkConfig:
+        for link in self.links:
+            if link.name == name:
+                return link
+        raise KeyError(name)

@@ -1,0 +1,128 @@
+"""The Plan: the complete desired kernel state as plain data, produced by planner.plan()."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+from .model import Firewall, Match, Nat, PortForward
+
+IPv4Address = ipaddress.IPv4Address
+IPv4Network = ipaddress.IPv4Network
+IPv4Interface = ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """What discovery found for one link's device."""
+
+    name: str
+    device: str
+    address: IPv4Interface  # address with its prefix
+    gateway: IPv4Address | None  # None: point-to-point without peer, routes go "dev" only
+    peer: IPv4Address | None = None  # point-to-point peer address, when the device has one
+
+
+@dataclass(frozen=True)
+class PlannedLink:
+    name: str
+    id: int  # 1..MAX_LINKS
+    mark: int  # id shifted into the mark mask
+    table: int
+    device: str
+    address: IPv4Interface
+    gateway: IPv4Address | None
+    up: bool
+    nat: Nat
+
+
+class Selector(enum.StrEnum):
+    """How a connection picks its bucket."""
+
+    RANDOM = "random"  # numgen random: weighted, priority, enforced
+    HASH_SOURCE = "source"
+    HASH_DESTINATION = "destination"
+    HASH_SOURCE_DESTINATION = "source+destination"
+
+
+UNREACHABLE = 0  # bucket target meaning: no usable link, fail the connection at once
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One rule as the kernel sees it: a match, a bucket selector and what each bucket maps to.
+
+    The match, selector and bucket count make up the structure of the ruleset; the targets are
+    map contents, the only thing a link state change rewrites.
+    """
+
+    name: str  # identifier usable as an nft map name
+    rule: str  # the configuration's rule name
+    match: Match
+    selector: Selector
+    targets: tuple[int, ...]  # per bucket: link id, or UNREACHABLE
+    seed: int = 0
+
+    @property
+    def buckets(self) -> int:
+        return len(self.targets)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    table: int
+    dst: IPv4Network
+    device: str
+    gateway: IPv4Address | None = None
+    src: IPv4Address | None = None
+    scope_link: bool = False
+
+
+class RuleAction(enum.StrEnum):
+    LOOKUP = "lookup"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    priority: int
+    action: RuleAction = RuleAction.LOOKUP
+    table: int = 0
+    fwmark: int | None = None
+    fwmask: int | None = None
+    src: IPv4Network | None = None
+    oif: str | None = None
+    suppress_prefixlength: int | None = None
+
+
+@dataclass(frozen=True)
+class HookLine:
+    """An nftables command from a firewall/ hook file, applied in uplinkd's transaction."""
+
+    path: str
+    line: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    links: tuple[PlannedLink, ...]
+    dispatches: tuple[Dispatch, ...]
+    lan_devices: tuple[str, ...]
+    forwards: tuple[PortForward, ...]
+    firewall: Firewall
+    firewall_groups: tuple[tuple[str, ...], ...]  # forwarding groups resolved to device names
+    mark_mask: int
+    unreachable_mark: int
+    routes: tuple[RouteSpec, ...]
+    rules: tuple[RuleSpec, ...]
+    tables: tuple[int, ...]  # every routing table id uplinkd owns
+    sysctls: tuple[tuple[str, str], ...] = ()
+    nft_hook_lines: tuple[HookLine, ...] = field(default=())
+
+    def link(self, name: str) -> PlannedLink:
+        for link in self.links:
+            if link.name == name:
+                return link
+        raise KeyError(name)

@@ -1,0 +1,232 @@
+"""The pure planner: (configuration, discovered facts, link health, hook additions) -> Plan.
+
+No I/O here: the same inputs always give the same Plan, which is what makes dry runs exact and
+re-applies no-ops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from . import const
+from .buckets import Weighted, assign, exact_bucket_count
+from .model import Config, LinkConfig, Method, PortForward, Rule
+from .plan import (
+    UNREACHABLE,
+    Dispatch,
+    HookLine,
+    LinkFacts,
+    Plan,
+    PlannedLink,
+    RouteSpec,
+    RuleAction,
+    RuleSpec,
+    Selector,
+)
+
+MAIN_TABLE = 254
+_DEFAULT_ROUTE = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What hook files add to the configuration's own state."""
+
+    rules: tuple[Rule, ...] = ()  # from B.force_route(); they take precedence over config rules
+    forwards: tuple[PortForward, ...] = ()
+    routes: tuple[RouteSpec, ...] = ()
+    nft_lines: tuple[HookLine, ...] = ()
+
+
+def mark_shift(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
+
+
+def link_mark(link_id: int, mask: int) -> int:
+    return link_id << mark_shift(mask)
+
+
+def plan(
+    config: Config,
+    facts: Sequence[LinkFacts],
+    up: Collection[str],
+    extras: Extras = Extras(),
+) -> Plan:
+    known = {fact.name: fact for fact in facts}
+    links = tuple(
+        _planned_link(config, index, link_config, known[link_config.name], link_config.name in up)
+        for index, link_config in enumerate(config.links)
+        if link_config.name in known
+    )
+    by_name = {link.name: link for link in links}
+    rules = (*extras.rules, *config.rules, config.default)
+    dispatches = tuple(
+        _dispatch(config, rule, by_name, "rule_default" if rule is config.default else f"rule_{i}")
+        for i, rule in enumerate(rules)
+    )
+    lan_devices = tuple(lan.device for lan in config.lans)
+    devices = {link.name: link.device for link in config.links} | {
+        lan.name: lan.device for lan in config.lans
+    }
+    groups = tuple(
+        tuple(devices[name] for name in group if name in devices)
+        for group in config.firewall.forwarding_groups
+    )
+    sysctls = [(f"net/ipv4/conf/{link.device}/rp_filter", "2") for link in links]
+    if lan_devices:
+        sysctls.insert(0, ("net/ipv4/ip_forward", "1"))
+    return Plan(
+        links=links,
+        dispatches=dispatches,
+        lan_devices=lan_devices,
+        forwards=(*config.forwards, *extras.forwards),
+        firewall=config.firewall,
+        firewall_groups=groups,
+        mark_mask=config.mark_mask,
+        unreachable_mark=config.mark_mask,
+        routes=(*_routes(config, links), *extras.routes),
+        rules=_ip_rules(config, links),
+        tables=(config.table_base, *(link.table for link in links)),
+        sysctls=tuple(sysctls),
+        nft_hook_lines=extras.nft_lines,
+    )
+
+
+def _planned_link(
+    config: Config, index: int, link: LinkConfig, fact: LinkFacts, up: bool
+) -> PlannedLink:
+    link_id = index + 1  # by configuration order, so a link left out does not renumber others
+    return PlannedLink(
+        name=link.name,
+        id=link_id,
+        mark=link_mark(link_id, config.mark_mask),
+        table=config.table_base + link_id,
+        device=fact.device,
+        address=fact.address,
+        gateway=fact.gateway,
+        up=up,
+        nat=link.nat,
+    )
+
+
+def map_name(rule_name: str, index_name: str) -> str:
+    """An nft identifier that still tells a person which rule it is."""
+    return f"{index_name}_{re.sub(r'[^A-Za-z0-9_]', '_', rule_name)}"[:60]
+
+
+def _dispatch(
+    config: Config, rule: Rule, links: dict[str, PlannedLink], index_name: str
+) -> Dispatch:
+    names = rule.links or tuple(link.name for link in config.links)
+    members = [links[name] for name in names if name in links]
+    live = [link for link in members if link.up]
+    name = index_name if index_name == "rule_default" else map_name(rule.name, index_name)
+    seed = f"{rule.name}"
+    if rule.method in (Method.PRIORITY, Method.ENFORCED):
+        target = UNREACHABLE
+        if live:
+            order = {link.name: (link.priority, i) for i, link in enumerate(config.links)}
+            target = min(live, key=lambda link: order[link.name]).id
+        return Dispatch(name, rule.name, rule.match, Selector.RANDOM, (target,))
+    weighted = [Weighted(link.id, link.name, config.link(link.name).weight) for link in members]
+    if rule.method is Method.PERSISTENCE:
+        selector = Selector(rule.by.value)
+        minimum = const.MIN_HASH_BUCKETS
+    else:
+        selector = Selector.RANDOM
+        minimum = 1
+    count = exact_bucket_count([w.weight for w in weighted], minimum) if weighted else 1
+    owners = assign(count, weighted, {link.id for link in live}, seed)
+    targets = tuple(UNREACHABLE if owner is None else owner for owner in owners)
+    hash_seed = int.from_bytes(seed.encode()[:4].ljust(4, b"\0"), "big")
+    return Dispatch(name, rule.name, rule.match, selector, targets, seed=hash_seed)
+
+
+def _routes(config: Config, links: Sequence[PlannedLink]) -> list[RouteSpec]:
+    routes: list[RouteSpec] = []
+    for link in links:
+        routes.extend(_link_routes(link, link.table))
+    first_up = next(
+        (link for link in sorted(links, key=lambda x: config.link(x.name).priority) if link.up),
+        None,
+    )
+    if first_up is not None:
+        # Only the router's own first route lookup uses this table; the output chain then
+        # classifies the connection like forwarded traffic and the mark reroutes it.
+        routes.extend(_link_routes(first_up, config.table_base))
+    return routes
+
+
+def _link_routes(link: PlannedLink, table: int) -> list[RouteSpec]:
+    connected = RouteSpec(
+        table=table,
+        dst=link.address.network,
+        device=link.device,
+        src=link.address.ip,
+        scope_link=True,
+    )
+    routes = [connected]
+    if link.gateway is None:
+        routes.append(
+            RouteSpec(table=table, dst=_DEFAULT_ROUTE, device=link.device, scope_link=True)
+        )
+        return routes
+    if link.gateway not in link.address.network:
+        routes.append(
+            RouteSpec(
+                table=table,
+                dst=ipaddress.IPv4Network(link.gateway),
+                device=link.device,
+                src=link.address.ip,
+                scope_link=True,
+            )
+        )
+    routes.append(
+        RouteSpec(table=table, dst=_DEFAULT_ROUTE, device=link.device, gateway=link.gateway)
+    )
+    return routes
+
+
+def _ip_rules(config: Config, links: Sequence[PlannedLink]) -> tuple[RuleSpec, ...]:
+    base = config.rule_priority
+    rules = [
+        RuleSpec(
+            priority=base + const.RULE_OFFSET_MAIN_SUPPRESS,
+            table=MAIN_TABLE,
+            suppress_prefixlength=0,
+        ),
+        RuleSpec(
+            priority=base + const.RULE_OFFSET_UNREACHABLE,
+            action=RuleAction.UNREACHABLE,
+            fwmark=config.mark_mask,
+            fwmask=config.mark_mask,
+        ),
+    ]
+    for link in links:
+        rules.append(
+            RuleSpec(
+                priority=base + const.RULE_OFFSET_FWMARK + link.id,
+                table=link.table,
+                fwmark=link.mark,
+                fwmask=config.mark_mask,
+            )
+        )
+        rules.append(
+            RuleSpec(
+                priority=base + const.RULE_OFFSET_FROM + link.id,
+                table=link.table,
+                src=ipaddress.IPv4Network(link.address.ip),
+            )
+        )
+        rules.append(
+            RuleSpec(
+                priority=base + const.RULE_OFFSET_OIF + link.id,
+                table=link.table,
+                oif=link.device,
+            )
+        )
+    rules.append(RuleSpec(priority=base + const.RULE_OFFSET_DEFAULT, table=config.table_base))
+    return tuple(rules)
