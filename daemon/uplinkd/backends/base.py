@@ -21,6 +21,7 @@ class AppliedState:
 
     structure: str  # digest of the structural part of the ruleset
     maps: dict[str, tuple[int, ...]] = field(default_factory=dict)  # map name -> per bucket link id
+    link_names: dict[int, str] = field(default_factory=dict)  # link id -> name
 
 
 class Backend(Protocol):
@@ -31,6 +32,12 @@ class Backend(Protocol):
 
     def render(self, plan: Plan) -> str:
         """The complete ruleset as text a person (and `nft -f`) can read."""
+
+    def needs_rebuild(self, plan: Plan) -> bool:
+        """Whether applying the plan changes more than map contents."""
+
+    def check(self, plan: Plan) -> None:
+        """Have the kernel validate the transaction without committing it; raise if refused."""
 
     def apply(self, plan: Plan) -> ApplyKind:
         """Bring the kernel to the plan in one transaction; all or nothing."""

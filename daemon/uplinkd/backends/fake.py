@@ -20,8 +20,16 @@ class FakeBackend:
     def render(self, plan: Plan) -> str:
         return f"# fake ruleset {structure_digest(plan)}\n"
 
+    def needs_rebuild(self, plan: Plan) -> bool:
+        return self.state is None or self.state.structure != structure_digest(plan)
+
+    def check(self, plan: Plan) -> None:
+        return None
+
     def apply(self, plan: Plan) -> ApplyKind:
-        wanted = AppliedState(structure_digest(plan), map_targets(plan))
+        wanted = AppliedState(
+            structure_digest(plan), map_targets(plan), {link.id: link.name for link in plan.links}
+        )
         if self.state is None or self.state.structure != wanted.structure:
             kind = ApplyKind.FULL
         elif self.state.maps != wanted.maps:

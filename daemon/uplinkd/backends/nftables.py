@@ -28,6 +28,7 @@ _STATE_SET = "uplinkd_state"
 # does not), so uplinkd reads its table back only as JSON, where table comments are missing:
 # the structure digest lives in the comment of this empty set instead.
 _DIGEST_PREFIX = "uplinkd structure="
+_NAME_SET_PREFIX = "name_of_link_"
 
 
 def _set(items: Sequence[str]) -> str:
@@ -234,11 +235,17 @@ def _firewall(plan: Plan) -> list[str]:
 
 
 def _table_body(plan: Plan) -> str:
+    # Link names for readers of the kernel state (uplinkctl, adoption after a restart).
+    names = [
+        f'\tset {_NAME_SET_PREFIX}{link.id} {{\n\t\ttype mark\n\t\tcomment "{link.name}"\n\t}}'
+        for link in plan.links
+    ]
     maps = [
         f'\tmap {d.name} {{\n\t\ttypeof {_map_type(d)} : verdict\n\t\tcomment "rule {d.rule}"\n\t}}'
         for d in plan.dispatches
     ]
     parts = [
+        *names,
         *maps,
         *_mark_chains(plan),
         _classify(plan),
@@ -334,13 +341,27 @@ class NftablesBackend:
             return None
         structure = ""
         maps: dict[str, tuple[int, ...]] = {}
+        names: dict[int, str] = {}
         for item in items:
-            if "set" in item and item["set"]["name"] == _STATE_SET:
-                structure = item["set"].get("comment", "").removeprefix(_DIGEST_PREFIX)
+            nft_set = item.get("set", {})
+            if nft_set.get("name") == _STATE_SET:
+                structure = nft_set.get("comment", "").removeprefix(_DIGEST_PREFIX)
+            elif nft_set.get("name", "").startswith(_NAME_SET_PREFIX):
+                names[int(nft_set["name"].removeprefix(_NAME_SET_PREFIX))] = nft_set.get(
+                    "comment", ""
+                )
             nft_map = item.get("map")
             if nft_map and nft_map.get("map") == "verdict":
                 maps[nft_map["name"]] = _targets(nft_map.get("elem", []))
-        return AppliedState(structure, maps)
+        return AppliedState(structure, maps, names)
+
+    def needs_rebuild(self, plan: Plan) -> bool:
+        current = self.read_back()
+        return current is None or current.structure != structure_digest(plan)
+
+    def check(self, plan: Plan) -> None:
+        if self.needs_rebuild(plan):
+            self._run(render(plan), plan, check_only=True)
 
     def apply(self, plan: Plan) -> ApplyKind:
         current = self.read_back()
@@ -353,18 +374,16 @@ class NftablesBackend:
         self._run(_element_commands(changed, flush=True), plan)
         return ApplyKind.MAPS
 
-    def _run(self, commands: str, plan: Plan) -> None:
+    def _run(self, commands: str, plan: Plan, *, check_only: bool = False) -> None:
         try:
-            self.nft.run(commands)
+            self.nft.run(commands, check_only=check_only)
         except NftError as exc:
             bad = self._failing_hook_line(plan)
             if bad is not None:
-                raise HookError(
-                    bad.path, f"nftables refused this line: {exc}", line=bad.line
-                ) from exc
-            raise ApplyError(
-                f"nftables refused the transaction (nothing was applied): {exc}"
-            ) from exc
+                message = f"nftables refused this line: {exc}"
+                raise HookError(bad.path, message, line=bad.line) from exc
+            message = f"nftables refused the transaction (nothing was applied): {exc}"
+            raise ApplyError(message) from exc
 
     def _failing_hook_line(self, plan: Plan) -> HookLine | None:
         """Find the first hook line that makes an otherwise valid transaction fail."""

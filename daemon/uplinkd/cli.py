@@ -1,0 +1,154 @@
+"""`uplinkd`: the daemon, and Net-ISP-Balance's one-shot modes (-d, --once, --stop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyroute2 import AsyncIPRoute
+
+from . import __version__, const, routing
+from .backends import get_backend
+from .daemon import Daemon, describe, load_config, prepare
+from .datapath import Datapath
+from .errors import ConfigError, HookError, UplinkdError
+
+log = logging.getLogger("uplinkd")
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="uplinkd",
+        description="Balance traffic across ISP uplinks and fail over (nftables + policy routing).",
+    )
+    p.add_argument(
+        "services",
+        nargs="*",
+        metavar="SERVICE",
+        help="links to treat as up (default: all), like load_balance.pl CABLE DSL",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=Path(const.DEFAULT_CONFIG_PATH),
+        help="uplinkd.toml or a Net-ISP-Balance balance.conf (detected by content)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "-d",
+        "--dry-run",
+        action="store_true",
+        help="print what would be applied (nft -f and ip -batch input); change nothing",
+    )
+    mode.add_argument(
+        "--once", action="store_true", help="apply the plan with the named services up, then exit"
+    )
+    mode.add_argument(
+        "--stop",
+        action="store_true",
+        help="remove everything uplinkd added (its nft table, routes and rules)",
+    )
+    p.add_argument(
+        "--part",
+        choices=("all", "nft", "ip"),
+        default="all",
+        help="with -d: print only the nftables or only the ip -batch part",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"uplinkd {__version__}")
+    return p
+
+
+def dry_run_text(nft: str, ip_batch: str, sysctls: Sequence[tuple[str, str]], part: str) -> str:
+    if part == "nft":
+        return nft
+    if part == "ip":
+        return ip_batch
+    settings = "".join(f"#   {key.replace('/', '.')} = {value}\n" for key, value in sysctls)
+    return (
+        "# ===== nftables: feed to `nft -f` (or: uplinkd -d --part nft | nft -f -) =====\n"
+        + nft
+        + "\n# ===== policy routing: feed to `ip -batch` "
+        "(or: uplinkd -d --part ip | ip -batch -) =====\n"
+        + ip_batch
+        + ("\n# ===== sysctls uplinkd sets =====\n" + settings if settings else "")
+    )
+
+
+async def _dry_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.services)
+    async with AsyncIPRoute() as ipr:
+        prepared = await prepare(ipr, config, args.services)
+    backend = get_backend(config.backend)
+    text = dry_run_text(
+        backend.render(prepared.plan),
+        routing.render_ip_batch(prepared.plan),
+        prepared.plan.sysctls,
+        args.part,
+    )
+    sys.stdout.write(text)
+    return 0
+
+
+async def _once(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.services)
+    datapath = Datapath(get_backend(config.backend))
+    async with AsyncIPRoute() as ipr:
+        prepared = await prepare(ipr, config, args.services)
+        report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
+    up = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
+    log.info("applied with links up: %s (%s)", up, describe(report))
+    return EXIT_FAILURE if report.failed_commands else 0
+
+
+async def _stop(args: argparse.Namespace) -> int:
+    backend_name = "nftables"
+    if args.config.exists():
+        backend_name = load_config(args.config).backend
+    datapath = Datapath(get_backend(backend_name))
+    async with AsyncIPRoute() as ipr:
+        removed = await datapath.remove(ipr)
+    log.info("removed uplinkd's datapath" if removed else "nothing of uplinkd's was installed")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return await _dry_run(args)
+    if args.once:
+        return await _once(args)
+    if args.stop:
+        return await _stop(args)
+    await Daemon(args.config, args.services).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_run(args))
+    except (ConfigError, HookError) as exc:
+        print(f"uplinkd: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except UplinkdError as exc:
+        print(f"uplinkd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Bring the kernel to a Plan (sysctls, policy routing, netfilter, hook commands) and take it away.
+
+Order matters for "nothing half-applied": the netfilter transaction is checked by the kernel first
+(a refused ruleset or hook line stops everything before any change), then routes and rules go in
+(so marked traffic always has a table), then the ruleset in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import AsyncIPRoute
+
+from . import routing
+from .backends import ApplyKind, Backend
+from .hooks import Hooks, run_commands
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    netfilter: ApplyKind
+    routing: routing.RoutingChanges
+    sysctls: tuple[str, ...]
+    failed_commands: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.netfilter is not ApplyKind.NONE or self.routing.total or self.sysctls)
+
+
+class Datapath:
+    def __init__(self, backend: Backend, proc_sys: Path = Path("/proc/sys")) -> None:
+        self.backend = backend
+        self.proc_sys = proc_sys
+
+    def _write_sysctls(self, plan: Plan) -> tuple[str, ...]:
+        changed = []
+        for key, value in plan.sysctls:
+            path = self.proc_sys / key
+            if not path.exists():
+                log.warning("sysctl %s does not exist here; skipped", key)
+                continue
+            if path.read_text().strip() != value:
+                path.write_text(value + "\n")
+                changed.append(f"{key}={value}")
+        return tuple(changed)
+
+    async def apply(self, ipr: AsyncIPRoute, plan: Plan, hooks: Hooks) -> ApplyReport:
+        rebuild = self.backend.needs_rebuild(plan)
+        self.backend.check(plan)
+        if rebuild:
+            run_commands(hooks.commands, {"pre-run"})
+        sysctls = self._write_sysctls(plan)
+        routes = await routing.sync(ipr, plan)
+        kind = self.backend.apply(plan)
+        failed = 0
+        if rebuild:
+            failed = run_commands(hooks.commands, {"routes", "firewall", "post-run"})
+        return ApplyReport(kind, routes, sysctls, failed)
+
+    async def remove(self, ipr: AsyncIPRoute) -> bool:
+        had_rules = self.backend.remove()
+        changes = await routing.remove_all(ipr)
+        return had_rules or bool(changes.total)

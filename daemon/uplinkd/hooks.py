@@ -1,0 +1,313 @@
+"""Hook directories beside the configuration, as in Net-ISP-Balance.
+
+`pre-run/`, `routes/`, `firewall/` and `post-run/` are read in that order, each in name order,
+skipping editor backups (`~`) and `.bak` files. Only root-owned files that group and others
+cannot write are used. Plain files hold one command per line:
+- in `firewall/`: nftables commands (`nft` prefix optional), applied inside uplinkd's own
+  transaction, so a bad line refuses the whole apply and a good one is re-added on every rebuild;
+- elsewhere: shell commands, run after uplinkd's state is in place (`pre-run/`: before).
+`.py` files (the successors of Net-ISP-Balance's `.pl` hooks) run with the balancer object `B`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import stat
+import subprocess
+import traceback
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import const
+from .errors import HookError
+from .model import Config, Match, Method, PortForward, PortRange, Rule
+from .plan import HookLine, LinkFacts, RouteSpec
+from .planner import MAIN_TABLE, Extras
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    stage: str
+    path: str
+    line: int
+    text: str
+
+
+@dataclass
+class Hooks:
+    extras: Extras = field(default_factory=Extras)
+    commands: list[CommandLine] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+def refusal(path: Path) -> str | None:
+    """Why a hook file must not be used, or None if it may."""
+    info = path.stat()
+    if info.st_uid != 0:
+        return f"{path}: refused: owned by uid {info.st_uid}, not root"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path}: refused: writable by group or others (mode {stat.filemode(info.st_mode)})"
+    return None
+
+
+def hook_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Usable hook files as (stage, path) in run order, and the refusals."""
+    found: list[tuple[str, Path]] = []
+    refused: list[str] = []
+    for stage in const.HOOK_DIRS:
+        directory = root / stage
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if path.name.endswith(("~", ".bak")) or path.name.startswith(".") or not path.is_file():
+                continue
+            reason = refusal(path)
+            if reason:
+                refused.append(reason)
+            else:
+                found.append((stage, path))
+    return found, refused
+
+
+def _ports(value: int | str | Sequence[int | str] | None) -> tuple[PortRange, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, (int, str)) else list(value)
+    ranges = []
+    for item in items:
+        first, _, last = str(item).partition("-")
+        ranges.append(PortRange(int(first), int(last or first)))
+    return tuple(ranges)
+
+
+def _networks(value: str | Sequence[str] | None) -> tuple[ipaddress.IPv4Network, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(ipaddress.IPv4Network(item, strict=False) for item in items)
+
+
+class Balancer:
+    """The object `B` that `.py` hooks receive (Net-ISP-Balance's `$B`)."""
+
+    def __init__(self, config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> None:
+        self._config = config
+        self._facts = {fact.name: fact for fact in facts}
+        self._up = [
+            link.name for link in config.links if link.name in up and link.name in self._facts
+        ]
+        self.rules: list[Rule] = []
+        self.forwards: list[PortForward] = []
+        self.routes: list[RouteSpec] = []
+        self.nft_lines: list[HookLine] = []
+        self._origin = ("", 0)
+
+    # --- queries ---
+    def services(self) -> list[str]:
+        return [*self.isp_services(), *self.lan_services()]
+
+    def isp_services(self) -> list[str]:
+        return [link.name for link in self._config.links if link.name in self._facts]
+
+    def lan_services(self) -> list[str]:
+        return [lan.name for lan in self._config.lans]
+
+    def up(self) -> list[str]:
+        """ISP services currently up."""
+        return list(self._up)
+
+    def role(self, service: str) -> str:
+        if service in self.isp_services():
+            return "isp"
+        if service in self.lan_services():
+            return "lan"
+        raise KeyError(f"unknown service {service!r}")
+
+    def dev(self, service: str) -> str:
+        if service in self._facts:
+            return self._facts[service].device
+        for lan in self._config.lans:
+            if lan.name == service:
+                return lan.device
+        raise KeyError(f"unknown service {service!r}")
+
+    def ip(self, service: str) -> str:
+        return str(self._fact(service).address.ip)
+
+    def net(self, service: str) -> str:
+        return str(self._fact(service).address.network)
+
+    def gw(self, service: str) -> str:
+        gateway = self._fact(service).gateway
+        return str(gateway) if gateway else ""
+
+    def _fact(self, service: str) -> LinkFacts:
+        if service not in self._facts:
+            raise KeyError(f"unknown or absent ISP service {service!r}")
+        return self._facts[service]
+
+    # --- actions ---
+    def forward(self, port: int | str, host: str, *protocols: str) -> None:
+        """Forward an incoming port to a LAN host: forward(80, "192.168.10.35"),
+        forward(23, "192.168.10.35:22"), forward(53, "192.168.10.2", "tcp", "udp")."""
+        address, _, host_port = host.partition(":")
+        for proto in protocols or ("tcp",):
+            self.forwards.append(
+                PortForward(
+                    port=_ports(port)[0],
+                    host=ipaddress.IPv4Address(address),
+                    host_port=int(host_port) if host_port else None,
+                    proto=proto,
+                )
+            )
+
+    def force_route(
+        self,
+        service: str,
+        *,
+        src: str | Sequence[str] | None = None,
+        dst: str | Sequence[str] | None = None,
+        proto: str | None = None,
+        sport: int | str | Sequence[int | str] | None = None,
+        dport: int | str | Sequence[int | str] | None = None,
+        iif: str | Sequence[str] | None = None,
+        fallback: bool = False,
+    ) -> None:
+        """Send matching new connections through one ISP service. When it is down they are
+        refused, unless fallback=True lets them use the other services in priority order."""
+        self.role(service)
+        match = Match(
+            src=_networks(src),
+            dst=_networks(dst),
+            proto=proto,
+            sport=_ports(sport),
+            dport=_ports(dport),
+            iif=(iif,) if isinstance(iif, str) else tuple(iif or ()),
+        )
+        path, line = self._origin
+        name = f"{Path(path).name}:{line}"
+        if fallback:
+            others = [s for s in self.isp_services() if s != service]
+            rule = Rule(name, Method.PRIORITY, match, links=(service, *others))
+        else:
+            rule = Rule(name, Method.ENFORCED, match, links=(service,))
+        self.rules.append(rule)
+
+    def add_route(self, dest: str, *, via: str | None = None, dev: str | None = None) -> None:
+        """Add a route to the main table (removed again by `uplinkd --stop`). `via` may be a
+        gateway address or an ISP service name."""
+        gateway = None
+        if via in self._facts:
+            dev = dev or self._facts[via].device
+            gateway = self._facts[via].gateway
+        elif via:
+            gateway = ipaddress.IPv4Address(via)
+        if dev is None:
+            raise ValueError("add_route needs dev= or a service name as via=")
+        self.routes.append(
+            RouteSpec(
+                table=MAIN_TABLE,
+                dst=ipaddress.IPv4Network(dest, strict=False),
+                device=dev,
+                gateway=gateway,
+                scope_link=gateway is None,
+            )
+        )
+
+    def nft(self, command: str) -> None:
+        """Add an nftables command to uplinkd's transaction."""
+        path, line = self._origin
+        self.nft_lines.append(HookLine(path, line, command.removeprefix("nft ").strip()))
+
+
+def _run_python(path: Path, balancer: Balancer) -> None:
+    source = path.read_text()
+    try:
+        code = compile(source, str(path), "exec")
+    except SyntaxError as exc:
+        raise HookError(path, f"syntax error: {exc.msg}", line=exc.lineno or 0) from exc
+    balancer._origin = (str(path), 0)
+    try:
+        exec(code, {"B": balancer, "__file__": str(path), "__name__": "uplinkd_hook"})  # noqa: S102 - root-owned hook files are the admin's own code
+    except Exception as exc:
+        line = next(
+            (
+                frame.lineno
+                for frame in reversed(traceback.extract_tb(exc.__traceback__))
+                if frame.filename == str(path)
+            ),
+            0,
+        )
+        raise HookError(path, f"{type(exc).__name__}: {exc}", line=line) from exc
+
+
+def load(config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> Hooks:
+    """Read every hook file; .py hooks run now (they only describe state), commands later."""
+    files, refused = hook_files(config.hook_root)
+    for reason in refused:
+        log.warning("%s", reason)
+    balancer = Balancer(config, facts, up)
+    commands: list[CommandLine] = []
+    nft_lines: list[HookLine] = []
+    for stage, path in files:
+        if path.suffix == ".py":
+            _run_python(path, balancer)
+            continue
+        for number, raw in enumerate(path.read_text().splitlines(), start=1):
+            text = raw.strip()
+            if not text or text.startswith("#"):
+                continue
+            if stage == "firewall":
+                nft_lines.append(HookLine(str(path), number, text.removeprefix("nft ").strip()))
+            else:
+                commands.append(CommandLine(stage, str(path), number, text))
+    extras = Extras(
+        rules=tuple(balancer.rules),
+        forwards=tuple(balancer.forwards),
+        routes=tuple(balancer.routes),
+        nft_lines=(*nft_lines, *balancer.nft_lines),
+    )
+    return Hooks(extras=extras, commands=commands, refused=refused)
+
+
+def run_commands(commands: Sequence[CommandLine], stages: Collection[str]) -> int:
+    """Run the shell command lines of the given stages; returns how many failed (each is logged)."""
+    failed = 0
+    for command in commands:
+        if command.stage not in stages:
+            continue
+        try:
+            result = subprocess.run(
+                ["/bin/sh", "-c", command.text],
+                capture_output=True,
+                text=True,
+                timeout=const.HOOK_COMMAND_TIMEOUT_S,
+                check=False,
+                env={**os.environ, "UPLINKD_HOOK": command.path},
+            )
+        except subprocess.TimeoutExpired:
+            log.error(
+                "%s:%d: timed out after %.0f s: %s",
+                command.path,
+                command.line,
+                const.HOOK_COMMAND_TIMEOUT_S,
+                command.text,
+            )
+            failed += 1
+            continue
+        if result.returncode != 0:
+            log.error(
+                "%s:%d: exit %d: %s: %s",
+                command.path,
+                command.line,
+                result.returncode,
+                command.text,
+                result.stderr.strip(),
+            )
+            failed += 1
+    return failed
