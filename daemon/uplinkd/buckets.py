@@ -93,8 +93,8 @@ def assign(
     deficit = {
         link_id: max(0, quota - held[link_id]) for link_id, quota in _quotas(count, alive).items()
     }
-    for bucket, owner in enumerate(owners):
-        if owner in live:
+    for bucket, previous in enumerate(owners):
+        if previous in live:
             continue
         ranking = [m for m in preferences[bucket] if m.link_id in live]
         heir = next((m for m in ranking if deficit[m.link_id] > 0), ranking[0])

@@ -1,4 +1,4 @@
-"""Typed errors; the command line and (later) the D-Bus adapter map them to messages in one place."""
+"""Typed errors; the command line (and later the D-Bus adapter) maps them to messages."""
 
 from __future__ import annotations
 
@@ -39,5 +39,5 @@ class ApplyError(UplinkdError):
     """The kernel refused a transaction; nothing of it was applied."""
 
 
-class BackendUnavailable(UplinkdError):
+class BackendUnavailableError(UplinkdError):
     """The chosen netfilter backend cannot work on this host."""

@@ -233,7 +233,8 @@ def _run_python(path: Path, balancer: Balancer) -> None:
         raise HookError(path, f"syntax error: {exc.msg}", line=exc.lineno or 0) from exc
     balancer._origin = (str(path), 0)
     try:
-        exec(code, {"B": balancer, "__file__": str(path), "__name__": "uplinkd_hook"})  # noqa: S102 - root-owned hook files are the admin's own code
+        # Root-owned, not group/other-writable hook files are the admin's own code.
+        exec(code, {"B": balancer, "__file__": str(path), "__name__": "uplinkd_hook"})  # noqa: S102
     except Exception as exc:
         line = next(
             (
@@ -243,7 +244,7 @@ def _run_python(path: Path, balancer: Balancer) -> None:
             ),
             0,
         )
-        raise HookError(path, f"{type(exc).__name__}: {exc}", line=line) from exc
+        raise HookError(path, f"{type(exc).__name__}: {exc}", line=line or 0) from exc
 
 
 def load(config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> Hooks:

@@ -39,7 +39,7 @@ class Nat(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Monitor:
-    """Link monitoring settings; names and meanings are foolsm's, defaults are uplinkd's faster ones."""
+    """Link monitoring settings: foolsm's names and meanings, uplinkd's faster defaults."""
 
     interval_ms: int = 200  # foolsm: 1000
     timeout_ms: int = 500  # foolsm: 1000
@@ -115,6 +115,7 @@ class PortForward:
     host_port: int | None = None  # None: same port
     proto: str = "tcp"
     links: tuple[str, ...] = ()  # empty: arriving on any link
+    line: int = 0  # where it was defined, for error messages
 
 
 @dataclass(frozen=True)

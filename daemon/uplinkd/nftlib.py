@@ -11,7 +11,7 @@ import ctypes.util
 import json
 from typing import Any
 
-from .errors import BackendUnavailable
+from .errors import BackendUnavailableError
 
 _NFT_CTX_DEFAULT = 0
 _NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -22,7 +22,7 @@ def _load() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(name)
     except OSError as exc:
-        raise BackendUnavailable(
+        raise BackendUnavailableError(
             f"libnftables is not installed ({exc}); install the 'libnftables1' package"
         ) from exc
     lib.nft_ctx_new.restype = ctypes.c_void_p
@@ -58,7 +58,7 @@ class Nft:
         self._lib = _load()
         self._ctx = self._lib.nft_ctx_new(_NFT_CTX_DEFAULT)
         if not self._ctx:
-            raise BackendUnavailable("libnftables could not create a context")
+            raise BackendUnavailableError("libnftables could not create a context")
         self._lib.nft_ctx_buffer_output(self._ctx)
         self._lib.nft_ctx_buffer_error(self._ctx)
         self.json_output = json_output

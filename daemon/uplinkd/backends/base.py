@@ -28,7 +28,7 @@ class Backend(Protocol):
     name: str
 
     def check_available(self) -> None:
-        """Raise BackendUnavailable with a clear reason if this backend cannot work here."""
+        """Raise BackendUnavailableError with a clear reason if this backend cannot work here."""
 
     def render(self, plan: Plan) -> str:
         """The complete ruleset as text a person (and `nft -f`) can read."""
