@@ -58,7 +58,7 @@ class LinkConfig:
     gateway: ipaddress.IPv4Address | None = None  # None: discover
     weight: int = 1
     priority: int = 1  # 1 = first choice for priority rules
-    targets: tuple[ipaddress.IPv4Address, ...] = ()
+    targets: tuple[ipaddress.IPv4Address, ...] = ()  # empty: probe the link's gateway
     reliability: int = 1
     bandwidth_down_mbps: float | None = None
     bandwidth_up_mbps: float | None = None

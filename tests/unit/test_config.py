@@ -1,0 +1,517 @@
+"""The TOML configuration, format detection and the shared checks (config.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from uplinkd import config
+from uplinkd.errors import ConfigError
+from uplinkd.model import (
+    Config,
+    HashBy,
+    LinkConfig,
+    Match,
+    Method,
+    Nat,
+    PortForward,
+    PortRange,
+    Rule,
+)
+
+EXAMPLES = Path(__file__).parents[2] / "data" / "examples"
+PATH = Path("/etc/uplinkd/uplinkd.toml")
+
+# Two links on lines 1-9; the text added by each test starts at line 11.
+BASE = """\
+[[link]]
+name = "DSL"
+device = "eth0"
+targets = ["1.1.1.1"]
+
+[[link]]
+name = "LTE"
+device = "eth1"
+targets = ["8.8.8.8", "9.9.9.9"]
+
+"""
+
+
+def parse(extra: str = "", base: str = BASE) -> Config:
+    return config.parse_toml(base + extra, PATH)
+
+
+def refused(extra: str, line: int, key: str, *fragments: str, base: str = BASE) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse(extra, base)
+    error = caught.value
+    message = str(error)
+    assert (error.line, error.key) == (line, key), message
+    assert message.startswith(f"{PATH}:{line}: {key + ': ' if key else ''}"), message
+    for fragment in fragments:
+        assert fragment in message
+    return error
+
+
+def test_example_file_parses() -> None:
+    loaded = config.load(EXAMPLES / "uplinkd.toml")
+    assert loaded.format == "toml"
+    assert [link.name for link in loaded.links] == ["DSL", "LTE"]
+    dsl, lte = loaded.links
+    assert (dsl.weight, dsl.priority, lte.weight, lte.priority) == (3, 1, 1, 2)
+    assert dsl.gateway is None
+    assert dsl.targets == (ipaddress.IPv4Address("1.1.1.1"), ipaddress.IPv4Address("9.9.9.9"))
+    assert (dsl.bandwidth_down_mbps, dsl.bandwidth_up_mbps) == (100.0, 20.0)
+    assert dsl.monitor.interval_ms == 200
+    assert (lte.monitor.interval_ms, lte.monitor.timeout_ms) == (1000, 1500)  # [link.monitor]
+    assert lte.monitor.max_successive_pkts_lost == 3  # the rest comes from [monitor]
+    assert [lan.name for lan in loaded.lans] == ["LAN"]
+    banking, voip, backups = loaded.rules
+    assert banking.method is Method.PERSISTENCE
+    assert banking.by is HashBy.SOURCE
+    assert banking.match.dst == (ipaddress.IPv4Network("203.0.113.0/24"),)
+    assert voip.match.dport == (PortRange(5060, 5060), PortRange(10000, 20000))
+    assert voip.match.iif == ("eth2",)
+    assert backups.method is Method.ENFORCED
+    assert backups.links == ("DSL",)
+    assert loaded.default.method is Method.WEIGHTED
+    web, ssh, games = loaded.forwards
+    assert (web.port, web.host_port, web.proto) == (PortRange(80, 80), None, "tcp")
+    assert (ssh.host_port, ssh.links) == (22, ("DSL",))
+    assert (games.port, games.proto) == (PortRange(60000, 60010), "udp")
+    assert loaded.firewall.forwarding_groups == (("LAN", "DSL", "LTE"),)
+    assert not loaded.firewall.enabled
+    assert loaded.mark_mask == 0xFF00
+
+
+def test_defaults() -> None:
+    loaded = parse()
+    dsl, lte = loaded.links
+    assert (dsl.priority, lte.priority) == (1, 2)  # definition order
+    assert (dsl.weight, dsl.reliability, dsl.nat, dsl.gateway) == (1, 1, Nat.MASQUERADE, None)
+    assert (dsl.line, lte.line) == (1, 6)
+    assert loaded.default == Rule("default", Method.WEIGHTED)
+    assert not loaded.firewall.enabled
+    assert loaded.backend == "nftables"
+
+
+def test_values_are_parsed() -> None:
+    loaded = parse(
+        "[[rule]]\n"
+        'match = { proto = "tcp", sport = "1024-65535", dport = 443, src = "10.0.0.0/8" }\n'
+        'method = "persistence"\n'
+        'by = "source+destination"\n'
+        "[default]\n"
+        'method = "priority"\n'
+        'links = ["LTE", "DSL"]\n'
+        "[firewall]\n"
+        "enabled = true\n",
+        base='backend = "iptables"\n'
+        + BASE.replace('device = "eth1"', 'device = "eth1"\ngateway = "192.0.2.1"\nnat = "snat"'),
+    )
+    assert loaded.backend == "iptables"
+    assert loaded.links[1].gateway == ipaddress.IPv4Address("192.0.2.1")
+    assert loaded.links[1].nat is Nat.SNAT
+    (rule,) = loaded.rules
+    assert rule.name == "rule1"
+    assert rule.by is HashBy.SOURCE_DESTINATION
+    assert rule.match.sport == (PortRange(1024, 65535),)
+    assert rule.match.src == (ipaddress.IPv4Network("10.0.0.0/8"),)
+    assert loaded.default.links == ("LTE", "DSL")
+    assert loaded.firewall.enabled
+    assert loaded.firewall.forwarding_groups == (("DSL", "LTE"),)  # default: everything
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "key", "fragment"),
+    [
+        ("[monitor]\ninterval = 200\n", 12, "monitor.interval", "allowed: 'interval_ms'"),
+        ("[kernel]\nmark = 1\n", 12, "kernel.mark", "unknown key 'mark' in [kernel]"),
+        (
+            '[[rule]]\nmethod = "weighted"\nmatch = { port = 80 }\n',
+            13,
+            "rule.match.port",
+            "'dport'",
+        ),
+        ('[[lan]]\nname = "LAN"\ndevice = "eth2"\nvlan = 3\n', 14, "lan.vlan", "'device'"),
+    ],
+)
+def test_unknown_keys(extra: str, line: int, key: str, fragment: str) -> None:
+    refused(extra, line, key, fragment)
+
+
+def test_unknown_top_level_key() -> None:
+    # Top-level keys come before the first table; after it they would belong to that table.
+    refused("", 1, "speed", "unknown key 'speed' in the top level", base="speed = 3\n" + BASE)
+    refused("", 11, "link.speed", "unknown key 'speed' in [link]", base=BASE + "speed = 3\n")
+
+
+def test_unknown_key_in_link_and_link_monitor() -> None:
+    refused(
+        "",
+        3,
+        "link.devices",
+        "unknown key 'devices' in [link]",
+        base=BASE.replace("device =", "devices =", 1),
+    )
+    refused("[link.monitor]\nintervall_ms = 1\n", 12, "link.monitor.intervall_ms", "[link.monitor]")
+
+
+def test_malformed_toml_reports_tomllib_line() -> None:
+    error = refused('[[rule]]\nname = "x\n', 12, "", "malformed TOML")
+    assert "Unterminated string" in error.message or "Illegal character" in error.message
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("0", "must be at least 1"),
+        ("-2", "must be at least 1"),
+        ("1.5", "must be an integer"),
+        ("true", "must be an integer"),
+        ('"2"', "must be an integer"),
+    ],
+)
+def test_bad_weight(value: str, fragment: str) -> None:
+    refused(
+        "",
+        9,
+        "link.weight",
+        fragment,
+        base=BASE.replace('device = "eth1"', f'device = "eth1"\nweight = {value}'),
+    )
+
+
+def test_bad_priority() -> None:
+    refused(
+        "",
+        4,
+        "link.priority",
+        "at least 1",
+        base=BASE.replace('device = "eth0"', 'device = "eth0"\npriority = 0'),
+    )
+
+
+def test_missing_device() -> None:
+    refused("", 6, "link.device", "is required", base=BASE.replace('device = "eth1"\n', ""))
+
+
+def test_missing_name() -> None:
+    refused("", 1, "link.name", "is required", base=BASE.replace('name = "DSL"\n', ""))
+
+
+def test_bad_device_name() -> None:
+    refused(
+        "",
+        3,
+        "link.device",
+        "1-15 characters",
+        base=BASE.replace('"eth0"', '"a-very-long-device-name"'),
+    )
+
+
+def test_duplicate_link_names() -> None:
+    refused(
+        "",
+        6,
+        "link.name",
+        "duplicate name 'DSL' (already used at line 1)",
+        base=BASE.replace('"LTE"', '"DSL"'),
+    )
+
+
+def test_link_and_lan_names_share_one_namespace() -> None:
+    refused('[[lan]]\nname = "LTE"\ndevice = "eth2"\n', 11, "lan.name", "duplicate name 'LTE'")
+
+
+def test_duplicate_devices() -> None:
+    refused("", 6, "link.device", "duplicate device 'eth0'", base=BASE.replace('"eth1"', '"eth0"'))
+    refused('[[lan]]\nname = "LAN"\ndevice = "eth1"\n', 11, "lan.device", "already used at line 6")
+
+
+def test_no_link_at_all() -> None:
+    with pytest.raises(ConfigError, match="no link defined"):
+        config.parse_toml('[default]\nmethod = "weighted"\n', PATH)
+    with pytest.raises(ConfigError, match=r"write \[\[link\]\] tables"):
+        config.parse_toml('[link]\nname = "DSL"\n', PATH)
+
+
+@pytest.mark.parametrize(
+    ("base_from", "base_to", "line", "key", "fragment"),
+    [
+        ('["1.1.1.1"]', '["1.1.1.300"]', 4, "link.targets", "'1.1.1.300' is not an IPv4 address"),
+        ('["1.1.1.1"]', '["224.0.0.1"]', 4, "link.targets", "cannot be a probe target"),
+        ('["1.1.1.1"]', '["1.1.1.1", "1.1.1.1"]', 4, "link.targets", "listed twice"),
+        ('["1.1.1.1"]', '[]\nreliability = 2', 5, "link.reliability", "at most the number"),
+        ('device = "eth0"', 'device = "eth0"\ngateway = "10.0.0"', 4, "link.gateway", '"auto"'),
+        ('device = "eth0"', 'device = "eth0"\nnat = "full"', 4, "link.nat", "'masquerade'"),
+        (
+            'device = "eth0"',
+            'device = "eth0"\nbandwidth_mbps = { down = 0 }',
+            4,
+            "link.bandwidth_mbps.down",
+            "positive",
+        ),
+    ],
+)
+def test_bad_link_values(base_from: str, base_to: str, line: int, key: str, fragment: str) -> None:
+    refused("", line, key, fragment, base=BASE.replace(base_from, base_to, 1))
+
+
+def test_multi_line_target_list_points_at_the_bad_value() -> None:
+    base = BASE.replace('["8.8.8.8", "9.9.9.9"]', '[\n  "8.8.8.8",\n  "9.9.9",\n]')
+    refused("", 11, "link.targets", "'9.9.9' is not an IPv4 address", base=base)
+
+
+def test_reliability_above_number_of_targets() -> None:
+    base = BASE.replace('device = "eth1"', 'device = "eth1"\nreliability = 3')
+    refused("", 9, "link.reliability", "only 2", base=base)
+
+
+def test_monitor_values() -> None:
+    refused(
+        "[monitor]\nmax_packet_loss = 5\n",
+        12,
+        "monitor.max_packet_loss",
+        "greater than min_packet_loss (10)",
+    )
+    refused("[monitor]\ninterval_ms = 0\n", 12, "monitor.interval_ms", "at least 10")
+    refused(
+        "[monitor]\nmin_packet_loss = 101\n", 12, "monitor.min_packet_loss", "between 0 and 100"
+    )
+    refused('[link.monitor]\ntimeout_ms = "fast"\n', 12, "link.monitor.timeout_ms", "integer")
+
+
+@pytest.mark.parametrize("method", ["overflow", "least-used", "lowest-latency", "fastest-response"])
+def test_planned_methods_are_refused(method: str) -> None:
+    refused(
+        f'[[rule]]\nname = "r"\nmatch = {{ proto = "tcp" }}\nmethod = "{method}"\n',
+        14,
+        "rule.method",
+        f"method '{method}' is not available yet in this version",
+        "available now: 'weighted', 'priority', 'persistence', 'enforced'",
+    )
+
+
+def test_unknown_method_lists_the_methods() -> None:
+    error = refused(
+        '[default]\nmethod = "random"\n', 12, "default.method", "unknown method 'random'"
+    )
+    for method in Method:
+        assert f"'{method.value}'" in error.message
+
+
+def test_rule_needs_a_method() -> None:
+    refused('[[rule]]\nname = "r"\n', 11, "rule.method", "is required")
+
+
+def test_unknown_and_misplaced_by() -> None:
+    refused(
+        '[[rule]]\nmethod = "persistence"\nby = "port"\n', 13, "rule.by", "'source+destination'"
+    )
+    refused(
+        '[[rule]]\nmethod = "weighted"\nby = "source"\n',
+        13,
+        "rule.by",
+        "only to method 'persistence'",
+    )
+
+
+def test_unknown_link_in_rule() -> None:
+    refused(
+        '[[rule]]\nmethod = "priority"\nlinks = ["DSL", "CABLE"]\n',
+        13,
+        "rule.links",
+        "unknown link 'CABLE'",
+        "'DSL', 'LTE'",
+    )
+    refused(
+        '[default]\nmethod = "weighted"\nlinks = ["LTE", "LTE"]\n',
+        13,
+        "default.links",
+        "listed twice",
+    )
+
+
+def test_enforced_needs_exactly_one_link() -> None:
+    refused('[[rule]]\nmethod = "enforced"\n', 11, "rule.links", "exactly one link", "found 0")
+    refused('[[rule]]\nmethod = "enforced"\nlinks = ["DSL", "LTE"]\n', 13, "rule.links", "found 2")
+
+
+@pytest.mark.parametrize(
+    ("match", "key", "fragment"),
+    [
+        ('{ dst = ["203.0.113.7/24"] }', "rule.match.dst", "did you mean 203.0.113.0/24?"),
+        ('{ src = ["10.0.0.0/33"] }', "rule.match.src", "not an IPv4 address or prefix"),
+        ("{ dport = [0] }", "rule.match.dport", "not a port"),
+        ("{ dport = [70000] }", "rule.match.dport", "not a port"),
+        ('{ sport = ["20-10"] }', "rule.match.sport", "not a port"),
+        ('{ dport = ["http"] }', "rule.match.dport", "not a port"),
+        ('{ proto = "gre" }', "rule.match.proto", "'tcp', 'udp', 'icmp'"),
+        ('{ proto = "icmp", dport = [1] }', "rule.match.proto", "ports need proto"),
+        ('{ iif = ["eth/0"] }', "rule.match.iif", "invalid device name"),
+    ],
+)
+def test_bad_match(match: str, key: str, fragment: str) -> None:
+    refused(f'[[rule]]\nmethod = "weighted"\nmatch = {match}\n', 13, key, fragment)
+
+
+def test_match_as_a_sub_table() -> None:
+    refused(
+        '[[rule]]\nmethod = "weighted"\n[rule.match]\nproto = "tcp"\ndport = [80, 0]\n',
+        15,
+        "rule.match.dport",
+        "0",
+    )
+
+
+def test_catch_all_rule_before_other_rules() -> None:
+    extra = '[[rule]]\nname = "all"\nmethod = "weighted"\n'
+    extra += '[[rule]]\nname = "web"\nmethod = "priority"\nmatch = { dport = 80 }\n'
+    refused(extra, 11, "rule.match", "matches all traffic")
+
+
+def test_duplicate_rule_names() -> None:
+    extra = '[[rule]]\nname = "web"\nmethod = "weighted"\nmatch = { dport = 80 }\n' * 2
+    refused(extra, 15, "rule.name", "duplicate rule name 'web'")
+    refused(
+        '[[rule]]\nname = "default"\nmethod = "weighted"\n', 11, "rule.name", "duplicate rule name"
+    )
+
+
+@pytest.mark.parametrize(
+    ("forward", "line", "key", "fragment"),
+    [
+        ('port = 80\nto = "192.168.10.300"', 13, "forward.to", "optionally with ':port'"),
+        ('port = 80\nto = "192.168.10.3:0"', 13, "forward.to", "1-65535"),
+        ('port = 0\nto = "192.168.10.3"', 12, "forward.port", "not a port"),
+        ('port = "80-90"\nto = "192.168.10.3:22"', 13, "forward.to", "same ports"),
+        ('port = 80\nto = "192.168.10.3"\nproto = "icmp"', 14, "forward.proto", "'tcp', 'udp'"),
+        (
+            'port = 80\nto = "192.168.10.3"\nlinks = ["DSL", "ISDN"]',
+            14,
+            "forward.links",
+            "unknown link 'ISDN'",
+        ),
+        ('to = "192.168.10.3"', 11, "forward.port", "is required"),
+        ('port = 80\nto = "127.0.0.1"', 13, "forward.to", "cannot receive"),
+    ],
+)
+def test_bad_forward(forward: str, line: int, key: str, fragment: str) -> None:
+    refused(f"[[forward]]\n{forward}\n", line, key, fragment)
+
+
+def test_overlapping_forwards() -> None:
+    extra = '[[forward]]\nport = 80\nto = "192.168.1.2"\n'
+    extra += '[[forward]]\nport = "70-90"\nto = "192.168.1.3"\nlinks = ["LTE"]\n'
+    refused(extra, 14, "forward.port", "already forwarded (line 11) on link 'LTE'")
+    extra = extra.replace(
+        'port = 80\nto = "192.168.1.2"', 'port = 80\nto = "192.168.1.2"\nlinks = ["DSL"]'
+    )
+    assert len(parse(extra).forwards) == 2  # different links: no overlap
+
+
+def test_forwarding_groups() -> None:
+    extra = '[[lan]]\nname = "LAN"\ndevice = "eth2"\n[firewall]\nenabled = true\n'
+    extra += 'forwarding_groups = [["LAN", "DSL"], [":lan", ":isp"]]\n'
+    assert parse(extra).firewall.forwarding_groups == (("LAN", "DSL"), ("LAN", "DSL", "LTE"))
+    bad = extra.replace('["LAN", "DSL"], ', '["LAN", "WAN"], ')
+    refused(bad, 16, "firewall.forwarding_groups", "unknown name 'WAN'", "':isp'")
+    refused(
+        extra.replace('["LAN", "DSL"], ', "[], "),
+        16,
+        "firewall.forwarding_groups",
+        "at least one member",
+    )
+    refused(
+        '[firewall]\nforwarding_groups = ["LAN"]\n',
+        12,
+        "firewall.forwarding_groups",
+        "list of lists",
+    )
+
+
+def test_kernel_numbers() -> None:
+    refused("[kernel]\nmark_mask = 0x0F0F\n", 12, "kernel.mark_mask", "one run of set bits")
+    refused("[kernel]\nmark_mask = 0x2\n", 12, "kernel.mark_mask", "room for 0 links, not 2")
+    refused("[kernel]\ntable_base = 252\n", 12, "kernel.table_base", "tables 252..254")
+    refused("[kernel]\nrule_priority = 32000\n", 12, "kernel.rule_priority", "between 1 and 31865")
+    refused(
+        '[daemon]\nstop_removes_datapath = "yes"\n',
+        12,
+        "daemon.stop_removes_datapath",
+        "true or false",
+    )
+    refused("", 1, "backend", "'nftables', 'iptables'", base='backend = "pf"\n' + BASE)
+
+
+def test_validate_checks_configs_built_in_code() -> None:
+    loaded = parse()
+    config.validate(loaded)
+    forward = PortForward(
+        PortRange(80, 80), ipaddress.IPv4Address("10.0.0.2"), links=("X",), line=7
+    )
+    with pytest.raises(ConfigError, match=r":7: forward.links: unknown link 'X'"):
+        config.validate(replace(loaded, forwards=(forward,)))
+    link = LinkConfig("ISP", "eth9", weight=0, targets=(ipaddress.IPv4Address("1.1.1.1"),), line=3)
+    with pytest.raises(ConfigError, match=r":3: link.weight: 0 is out of range"):
+        config.validate(replace(loaded, links=(*loaded.links, link)))
+    rule = Rule("r", Method.OVERFLOW, Match(proto="tcp"), line=5)
+    with pytest.raises(ConfigError, match=r":5: rule.method: .*not available yet"):
+        config.validate(replace(loaded, rules=(rule,)))
+
+
+# --- format detection ----------------------------------------------------------------------------
+
+
+def test_load_detects_the_format_by_content(tmp_path: Path) -> None:
+    toml = tmp_path / "balance.conf"  # the name does not matter
+    toml.write_text(BASE)
+    assert config.load(toml).format == "toml"
+    conf = tmp_path / "uplinkd.toml"
+    conf.write_text("CABLE eth0 isp 1.1.1.1\nLAN eth1 lan\n")
+    assert config.load(conf).format == "balance.conf"
+
+
+def test_load_reports_toml_errors_for_toml_files(tmp_path: Path) -> None:
+    broken = tmp_path / "uplinkd.toml"
+    broken.write_text(BASE + "[[rule]\n")
+    with pytest.raises(ConfigError, match="malformed TOML") as caught:
+        config.load(broken)
+    assert caught.value.line == 11
+
+
+@pytest.mark.parametrize("text", ["speed = 200\n", "hello world\n", "", "a b c d\n"])
+def test_load_refuses_what_is_neither(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "x.conf"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="neither an uplinkd TOML configuration"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("text", ["mode=balanced\n", "interval_ms = 200\n"])
+def test_balance_conf_options_without_services(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "balance.conf"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="no isp service"):
+        config.load(path)
+
+
+def test_load_refuses_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_inline_top_level_table_is_located() -> None:
+    refused(
+        "", 1, "monitor.interval_ms", "at least 10", base="monitor = { interval_ms = 1 }\n" + BASE
+    )
+
+
+def test_toml_with_unknown_tables_is_read_as_toml(tmp_path: Path) -> None:
+    path = tmp_path / "uplinkd.toml"
+    path.write_text('[[links]]\nname = "DSL"\n')
+    with pytest.raises(ConfigError, match=r":1: links: unknown key 'links' in the top level"):
+        config.load(path)
