@@ -8,7 +8,7 @@ NFT_TABLE: Final = "uplinkd"
 
 # The mark bits uplinkd owns. Bits 8-15 leave the low byte free for other tools (tc, VPNs).
 DEFAULT_MARK_MASK: Final = 0x0000FF00
-# Link ids run from 1; the all-ones id in the mask means "no usable link: unreachable".
+# Link ids run from 1; the all-ones id in the mask stays free as a marker for other tools.
 MAX_LINKS: Final = 254
 
 # Routing table ids: base + 0 holds the default route for locally originated lookups,
@@ -19,7 +19,6 @@ DEFAULT_TABLE_BASE: Final = 200
 # local rule (0), and away from 1000-3000 where mwan3 and many scripts put theirs.
 DEFAULT_RULE_PRIORITY: Final = 10000
 RULE_OFFSET_MAIN_SUPPRESS: Final = 0  # main table minus its default route: LAN and connected nets
-RULE_OFFSET_UNREACHABLE: Final = 10  # connections whose rule has no usable link fail fast
 RULE_OFFSET_FWMARK: Final = 100  # + link id: marked connections follow their link
 RULE_OFFSET_FROM: Final = 300  # + link id: packets from a link's address leave by that link
 RULE_OFFSET_OIF: Final = 600  # + link id: sockets bound to the device use the link's table

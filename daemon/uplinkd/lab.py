@@ -52,7 +52,7 @@ DEFAULT_PORTS = (80, 443, 25, 8080)
 OWNER_DIR = Path("/run/uplinkd-lab")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _NS_RE = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,11})-(?:lan|router|inet|isp\d+)$")
-_DEFAULT_PREFIX_RE = re.compile(r"^ul\d{1,4}$")
+_DEFAULT_PREFIX_RE = re.compile(r"^ul\d{1,4}(?:n\d{1,5})?$")
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _SRC_PYTHONPATH = str(Path(__file__).resolve().parent.parent)
 
@@ -214,6 +214,13 @@ class Lab:
     """``with Lab(isps=2, bandwidth_mbit=None) as lab:`` builds the lab and always removes it."""
 
     _active: ClassVar[set[str]] = set()  # prefixes of this process's labs that are set up
+    _made: ClassVar[int] = 0  # labs this process has made: the second gets a distinct prefix
+
+    @classmethod
+    def _default_prefix(cls) -> str:
+        cls._made += 1
+        number = "" if cls._made == 1 else f"n{cls._made}"
+        return f"ul{os.getpid() % 10000}{number}"
 
     def __init__(
         self,
@@ -223,7 +230,7 @@ class Lab:
     ) -> None:
         if not 1 <= isps <= 250:
             raise ValueError(f"isps must be 1..250, not {isps}")
-        self.prefix = prefix or f"ul{os.getpid() % 10000}"
+        self.prefix = prefix or self._default_prefix()
         if not _PREFIX_RE.match(self.prefix):
             raise ValueError(f"prefix {self.prefix!r} must match {_PREFIX_RE.pattern}")
         self.isps = isps

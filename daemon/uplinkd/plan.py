@@ -114,7 +114,6 @@ class Plan:
     firewall: Firewall
     firewall_groups: tuple[tuple[str, ...], ...]  # forwarding groups resolved to device names
     mark_mask: int
-    unreachable_mark: int
     routes: tuple[RouteSpec, ...]
     rules: tuple[RuleSpec, ...]
     tables: tuple[int, ...]  # every routing table id uplinkd owns

@@ -22,7 +22,6 @@ from .plan import (
     Plan,
     PlannedLink,
     RouteSpec,
-    RuleAction,
     RuleSpec,
     Selector,
 )
@@ -86,7 +85,6 @@ def plan(
         firewall=config.firewall,
         firewall_groups=groups,
         mark_mask=config.mark_mask,
-        unreachable_mark=config.mark_mask,
         routes=(*_routes(config, links), *extras.routes),
         rules=_ip_rules(config, links),
         tables=(config.table_base, *(link.table for link in links)),
@@ -197,12 +195,6 @@ def _ip_rules(config: Config, links: Sequence[PlannedLink]) -> tuple[RuleSpec, .
             priority=base + const.RULE_OFFSET_MAIN_SUPPRESS,
             table=MAIN_TABLE,
             suppress_prefixlength=0,
-        ),
-        RuleSpec(
-            priority=base + const.RULE_OFFSET_UNREACHABLE,
-            action=RuleAction.UNREACHABLE,
-            fwmark=config.mark_mask,
-            fwmask=config.mark_mask,
         ),
     ]
     for link in links:

@@ -105,7 +105,6 @@ PLAN = Plan(
     firewall=Firewall(),
     firewall_groups=(),
     mark_mask=0xFF00,
-    unreachable_mark=0xFF00,
     routes=ROUTES,
     rules=RULES,
     tables=(200, 201, 202),

@@ -244,7 +244,7 @@ def test_no_link_at_all() -> None:
         ('["1.1.1.1"]', '["1.1.1.300"]', 4, "link.targets", "'1.1.1.300' is not an IPv4 address"),
         ('["1.1.1.1"]', '["224.0.0.1"]', 4, "link.targets", "cannot be a probe target"),
         ('["1.1.1.1"]', '["1.1.1.1", "1.1.1.1"]', 4, "link.targets", "listed twice"),
-        ('["1.1.1.1"]', '[]\nreliability = 2', 5, "link.reliability", "at most the number"),
+        ('["1.1.1.1"]', "[]\nreliability = 2", 5, "link.reliability", "at most the number"),
         ('device = "eth0"', 'device = "eth0"\ngateway = "10.0.0"', 4, "link.gateway", '"auto"'),
         ('device = "eth0"', 'device = "eth0"\nnat = "full"', 4, "link.nat", "'masquerade'"),
         (

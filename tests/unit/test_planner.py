@@ -24,7 +24,7 @@ from uplinkd.model import (
     PortRange,
     Rule,
 )
-from uplinkd.plan import UNREACHABLE, LinkFacts, RuleAction, Selector
+from uplinkd.plan import UNREACHABLE, LinkFacts, Selector
 
 IP = ipaddress.IPv4Address
 
@@ -145,10 +145,8 @@ def test_kernel_shape_rules_routes_marks() -> None:
     cfg = config({"ISP1": 1, "ISP2": 1})
     plan = planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
     assert [link.mark for link in plan.links] == [0x100, 0x200]
-    assert plan.unreachable_mark == 0xFF00
     fwmark = [r for r in plan.rules if r.fwmark in (0x100, 0x200)]
     assert [(r.fwmark, r.table) for r in fwmark] == [(0x100, 201), (0x200, 202)]
-    assert any(r.action is RuleAction.UNREACHABLE for r in plan.rules)
     assert plan.rules[0].suppress_prefixlength == 0
     defaults = [r for r in plan.routes if r.dst.prefixlen == 0]
     assert {(r.table, str(r.gateway)) for r in defaults} == {

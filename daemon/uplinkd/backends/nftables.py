@@ -107,12 +107,13 @@ def _mark_chains(plan: Plan) -> list[str]:
             f"\t\t{_set_mark('meta mark', plan.mark_mask, link.mark)}\n"
             "\t\taccept\n\t}"
         )
-    # Not saved in conntrack: the connection is refused, and a retry is classified afresh.
+    # Fail fast rather than leak to another link: a TCP reset is not rate-limited like the
+    # ICMP errors the kernel sends (net.ipv4.icmp_ratelimit), so clients give up at once.
     chains.append(
         f"\tchain {_NO_LINK_CHAIN} {{\n"
-        '\t\tcomment "no usable link for this rule: routed unreachable"\n'
-        f"\t\t{_set_mark('meta mark', plan.mark_mask, plan.unreachable_mark)}\n"
-        "\t\taccept\n\t}"
+        '\t\tcomment "no usable link for this rule: refused, never sent elsewhere"\n'
+        "\t\tmeta l4proto tcp reject with tcp reset\n"
+        "\t\treject with icmpx host-unreachable\n\t}"
     )
     return chains
 

@@ -1,0 +1,204 @@
+"""uplinkd's datapath on real traffic in the namespace lab (root; see conftest.needs_root)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from uplinkd.lab import INET_HOST, LAN_SERVER, Lab
+
+from .conftest import TWO_LINKS, Uplinkd, needs_root
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+
+def within(share: float, expected: float, points: float = 3.0) -> bool:
+    return abs(100 * share - expected) <= points
+
+
+def test_weights_1_3_share_connections(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    uplinkd.run(config, "--once")
+    result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 2000)
+    assert result.failed == 0
+    shares = result.shares()
+    assert within(shares["ISP1"], 25) and within(shares["ISP2"], 75), shares
+
+
+def test_weights_1_3_2_over_three_links(tmp_path: Path) -> None:
+    with Lab(isps=3) as lab:
+        lab.start_server(lab.ns_inet, INET_HOST, [80])
+        runner = Uplinkd(lab, tmp_path)
+        text = (
+            TWO_LINKS.format(w1=1, w2=3)
+            + '\n[[link]]\nname = "ISP3"\ndevice = "wan3"\nweight = 2\n'
+        )
+        runner.run(runner.write_config(text), "--once")
+        result = lab.connect_many(lab.ns_lan, INET_HOST, 80, 2000)
+        assert result.failed == 0
+        shares = result.shares()
+        expected = {"ISP1": 100 / 6, "ISP2": 50.0, "ISP3": 100 / 3}
+        assert all(within(shares[isp], pct) for isp, pct in expected.items()), shares
+
+
+BALANCE_CONF_FAILOVER = """\
+# Net-ISP-Balance style configuration, failover mode: the highest weight is preferred
+#service    device   role     ping-ip           weight    gateway
+CABLE       wan1     isp      203.0.113.10      1         default
+DSL         wan2     isp      203.0.113.10      2         default
+LAN         lan0     lan
+mode=failover
+"""
+
+
+def test_failover_mode_uses_preferred_link_then_the_next(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(BALANCE_CONF_FAILOVER, "balance.conf")
+    uplinkd.run(config, "--once")
+    result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 200)
+    assert result.counts_by_isp() == {"ISP1": 0, "ISP2": 200}  # DSL (weight 2) on wan2
+    uplinkd.run(config, "--once", "CABLE")  # like load_balance.pl CABLE: DSL marked down
+    result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 200)
+    assert result.counts_by_isp() == {"ISP1": 200, "ISP2": 0}
+
+
+def test_persistence_by_source_sticks_and_only_failed_link_moves(tmp_path: Path) -> None:
+    with Lab(isps=3) as lab:
+        lab.start_server(lab.ns_inet, INET_HOST, [80])
+        runner = Uplinkd(lab, tmp_path)
+        text = (
+            TWO_LINKS.format(w1=1, w2=1)
+            + '\n[[link]]\nname = "ISP3"\ndevice = "wan3"\n'
+            + '\n[default]\nmethod = "persistence"\nby = "source"\n'
+        )
+        config = runner.write_config(text)
+        runner.run(config, "--once")
+        sources = lab.add_client_addresses(20)
+        before = lab.connect_many(lab.ns_lan, INET_HOST, 80, 30, sources=sources)
+        assert before.failed == 0
+        link_of = {}
+        for source in sources:
+            used = {isp for isp, n in before.counts_by_isp(source=source).items() if n}
+            assert len(used) == 1, f"{source} used {used}"
+            link_of[source] = used.pop()
+        assert len(set(link_of.values())) == 3  # 20 sources spread over all three links
+
+        runner.run(config, "--once", "ISP1", "ISP3")  # ISP2 marked down
+        after = lab.connect_many(lab.ns_lan, INET_HOST, 80, 30, sources=sources)
+        assert after.failed == 0
+        for source in sources:
+            used = {isp for isp, n in after.counts_by_isp(source=source).items() if n}
+            assert len(used) == 1, f"{source} used {used} after the failover"
+            if link_of[source] == "ISP2":
+                assert used != {"ISP2"}
+            else:
+                assert used == {link_of[source]}, f"{source} moved without need"
+
+
+ENFORCED = (
+    TWO_LINKS.format(w1=1, w2=1)
+    + """
+[[rule]]
+name = "mail"
+match = { proto = "tcp", dport = [25] }
+method = "enforced"
+links = ["ISP1"]
+"""
+)
+
+
+def test_enforced_rule_keeps_its_link_and_is_dropped_when_down(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(ENFORCED)
+    uplinkd.run(config, "--once")
+    mail = lab2.connect_many(lab2.ns_lan, INET_HOST, 25, 100)
+    assert mail.counts_by_isp() == {"ISP1": 100, "ISP2": 0}
+    web = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 200)
+    assert min(web.counts_by_isp().values()) > 50  # the default rule still balances
+
+    uplinkd.run(config, "--once", "ISP2")
+    mail = lab2.connect_many(lab2.ns_lan, INET_HOST, 25, 20, timeout=1.0)
+    assert mail.ok == 0 and mail.failed == 20  # never leaked through ISP2
+    assert mail.errors == {"refused": 20}  # refused at once (TCP reset), not left to time out
+    web = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 100)
+    assert web.counts_by_isp() == {"ISP1": 0, "ISP2": 100}
+
+
+def test_router_originated_connections_are_balanced(lab2: Lab, uplinkd: Uplinkd) -> None:
+    uplinkd.run(uplinkd.write_config(TWO_LINKS.format(w1=1, w2=1)), "--once")
+    result = lab2.connect_many(lab2.ns_router, INET_HOST, 80, 1000)
+    assert result.failed == 0
+    shares = result.shares()
+    assert within(shares["ISP1"], 50, 5) and within(shares["ISP2"], 50, 5), shares
+
+
+def test_port_forward_from_an_isp_address_reaches_the_lan_server(
+    lab2: Lab, uplinkd: Uplinkd
+) -> None:
+    lab2.start_server(lab2.ns_lan, LAN_SERVER, [80, 22])
+    text = (
+        TWO_LINKS.format(w1=1, w2=1)
+        + """
+[[forward]]
+port = 8080
+to = "192.168.10.35:80"
+
+[[forward]]
+port = 2222
+to = "192.168.10.35:22"
+"""
+    )
+    uplinkd.run(uplinkd.write_config(text), "--once")
+    for isp in (1, 2):
+        # The Internet host connects to ISP i's public address; the ISP hands it to the router.
+        result = lab2.connect_many(lab2.ns_inet, f"100.64.{isp}.2", 8080, 20)
+        assert result.addresses == [INET_HOST] * 20, result.errors
+    result = lab2.connect_many(lab2.ns_inet, "100.64.1.2", 2222, 5)
+    assert result.addresses == [INET_HOST] * 5, result.errors
+
+
+def test_hook_files_survive_reapply(lab2: Lab, uplinkd: Uplinkd) -> None:
+    lab2.start_server(lab2.ns_lan, LAN_SERVER, [80])
+    firewall = uplinkd.workdir / "firewall"
+    firewall.mkdir()
+    (firewall / "01.block-8080").write_text(
+        "# LAN clients may not reach port 8080 on the Internet\n"
+        "add chain inet uplinkd hook_forward { type filter hook forward priority 0; }\n"
+        "nft add rule inet uplinkd hook_forward tcp dport 8080 reject with tcp reset\n"
+    )
+    (firewall / "02.forward.py").write_text('B.forward(8081, "192.168.10.35:80")\n')
+    (firewall / "03.ignored~").write_text("this is an editor backup and must be skipped\n")
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=1))
+
+    def hooks_in_force() -> None:
+        blocked = lab2.connect_many(lab2.ns_lan, INET_HOST, 8080, 5)
+        assert blocked.ok == 0 and blocked.errors.get("refused") == 5
+        allowed = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 5)
+        assert allowed.ok == 5
+        forwarded = lab2.connect_many(lab2.ns_inet, "100.64.2.2", 8081, 5)
+        assert forwarded.addresses == [INET_HOST] * 5, forwarded.errors
+
+    uplinkd.run(config, "--once")
+    hooks_in_force()
+    uplinkd.run(config, "--once")  # the same plan again: nothing rebuilt, hooks still there
+    hooks_in_force()
+    uplinkd.run(config, "--once", "ISP2")  # a link state change: map update
+    hooks_in_force()
+    config.write_text(TWO_LINKS.format(w1=1, w2=2))  # a configuration change: full rebuild
+    uplinkd.run(config, "--once")
+    hooks_in_force()
+
+
+def test_unsafe_hook_file_is_refused_with_its_name(lab2: Lab, uplinkd: Uplinkd) -> None:
+    routes = uplinkd.workdir / "routes"
+    routes.mkdir()
+    unsafe = routes / "01.world-writable"
+    unsafe.write_text("ip route add 198.51.100.0/24 dev lan0\n")
+    unsafe.chmod(0o666)
+    result = uplinkd.run(uplinkd.write_config(TWO_LINKS.format(w1=1, w2=1)), "--once")
+    assert f"{unsafe}: refused: writable by group or others" in result.stderr
+    routes_now = lab2.run(lab2.ns_router, "ip", "route", "show", "198.51.100.0/24").stdout
+    assert routes_now == ""
+    os.chown(unsafe, 65534, 65534)
+    unsafe.chmod(0o644)
+    result = uplinkd.run(uplinkd.workdir / "uplinkd.toml", "--once")
+    assert f"{unsafe}: refused: owned by uid 65534, not root" in result.stderr

@@ -1,0 +1,215 @@
+"""Dry run, idempotent applies, --stop, and bad input against a running state (root)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+from uplinkd.lab import INET_HOST, Lab
+
+from .conftest import TWO_LINKS, Uplinkd, needs_root
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+FOREIGN_NFT = """table inet admin {
+    chain forward {
+        type filter hook forward priority 10; policy accept;
+        tcp dport 9999 counter accept
+    }
+}
+"""
+
+
+def _foreign_state(lab: Lab) -> str:
+    r = lab.ns_router
+    return "\n".join(
+        [
+            lab.run(r, "nft", "list", "table", "inet", "admin").stdout,
+            lab.run(r, "ip", "rule", "show", "priority", "500").stdout,
+            lab.run(r, "ip", "route", "show", "table", "77").stdout,
+            lab.run(r, "ip", "route", "show", "table", "main").stdout,
+        ]
+    )
+
+
+def test_apply_twice_changes_nothing_and_stop_leaves_foreign_state(
+    lab2: Lab, uplinkd: Uplinkd
+) -> None:
+    r = lab2.ns_router
+    lab2.run(r, "nft", "-f", "-", stdin=FOREIGN_NFT)
+    lab2.run(r, "ip", "rule", "add", "priority", "500", "from", "192.0.2.0/24", "lookup", "77")
+    lab2.run(r, "ip", "route", "add", "198.51.100.0/24", "via", "10.0.1.1", "table", "77")
+    try:
+        foreign = _foreign_state(lab2)
+        config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+        first = uplinkd.run(config, "--once")
+        assert "netfilter: full" in first.stderr
+        state = uplinkd.kernel_state()
+        second = uplinkd.run(config, "--once")
+        assert "netfilter: none; routes +0/-0; rules +0/-0; sysctls changed: 0" in second.stderr
+        assert uplinkd.kernel_state() == state
+        assert "table inet uplinkd" in state
+
+        uplinkd.run(config, "--stop")
+        after = uplinkd.kernel_state()
+        assert "uplinkd" not in after
+        assert "proto 213" not in lab2.run(r, "ip", "rule", "show").stdout
+        assert lab2.run(r, "ip", "route", "show", "table", "201").stdout == ""
+        assert _foreign_state(lab2) == foreign
+    finally:
+        lab2.run(r, "nft", "delete", "table", "inet", "admin", check=False)
+        lab2.run(r, "ip", "rule", "del", "priority", "500", check=False)
+        lab2.run(r, "ip", "route", "flush", "table", "77", check=False)
+
+
+def test_dry_run_changes_nothing_and_its_output_applies(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    before = uplinkd.kernel_state()
+    nft_text = uplinkd.run(config, "-d", "--part", "nft").stdout
+    ip_text = uplinkd.run(config, "-d", "--part", "ip").stdout
+    full = uplinkd.run(config, "-d").stdout
+    assert uplinkd.kernel_state() == before
+    assert nft_text in full and ip_text in full
+
+    # Fed by hand to nft -f and ip -batch, the output gives the same datapath as --once.
+    r = lab2.ns_router
+    lab2.run(r, "nft", "-f", "-", stdin=nft_text)
+    lab2.run(r, "ip", "-batch", "-", stdin=ip_text)
+    by_hand = uplinkd.kernel_state()
+    result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 400)
+    assert result.failed == 0 and min(result.counts_by_isp().values()) > 40
+    again = uplinkd.run(config, "--once")
+    assert "netfilter: none; routes +0/-0; rules +0/-0" in again.stderr
+    assert uplinkd.kernel_state() == by_hand
+
+
+BAD_CONFIGS = {
+    "malformed toml": ("[[link]\nname = 'x'\n", "uplinkd.toml:1"),
+    "unknown link in rule": (
+        TWO_LINKS.format(w1=1, w2=1)
+        + '\n[[rule]]\nname = "r"\nmethod = "priority"\nlinks = ["ISP9"]\n',
+        "ISP9",
+    ),
+    "weight zero": (TWO_LINKS.format(w1=0, w2=1), "weight"),
+    "unknown method": (
+        TWO_LINKS.format(w1=1, w2=1) + '\n[default]\nmethod = "fastest"\n',
+        "method",
+    ),
+    "duplicate names": (TWO_LINKS.format(w1=1, w2=1).replace('"ISP2"', '"ISP1"'), "ISP1"),
+    "missing device": (TWO_LINKS.format(w1=1, w2=1).replace('device = "wan2"\n', ""), "device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configuration_is_refused_and_running_state_kept(
+    lab2: Lab, uplinkd: Uplinkd, case: str
+) -> None:
+    good = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    uplinkd.run(good, "--once")
+    running = uplinkd.kernel_state()
+    text, named = BAD_CONFIGS[case]
+    bad = uplinkd.write_config(text, "bad.toml" if case != "malformed toml" else "uplinkd.toml")
+    for argv in (("--once",), ("-d",)):
+        result = uplinkd.run(bad, *argv, check=False)
+        assert result.returncode == 2, result.stderr
+        assert str(bad) in result.stderr and named in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert uplinkd.kernel_state() == running
+
+
+def test_bad_balance_conf_names_file_and_line(uplinkd: Uplinkd) -> None:
+    bad = uplinkd.write_config(
+        "CABLE wan1 isp 203.0.113.10 1\nDSL wan2 isp 203.0.113.10 -2\nLAN lan0 lan\n",
+        "balance.conf",
+    )
+    result = uplinkd.run(bad, "--once", check=False)
+    assert result.returncode == 2
+    assert f"{bad}:2" in result.stderr and "weight" in result.stderr, result.stderr
+
+
+def test_bad_python_hook_refuses_the_apply(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    uplinkd.run(config, "--once")
+    running = uplinkd.kernel_state()
+    post = uplinkd.workdir / "post-run"
+    post.mkdir()
+    (post / "10.broken.py").write_text(
+        'B.forward(80, "192.168.10.35")\nB.forward(81, "not-an-ip")\n'
+    )
+    config.write_text(TWO_LINKS.format(w1=1, w2=1))  # a change that would rebuild
+    result = uplinkd.run(config, "--once", check=False)
+    assert result.returncode == 2
+    assert f"{post / '10.broken.py'}:2" in result.stderr, result.stderr
+    assert uplinkd.kernel_state() == running
+
+
+def test_bad_nft_hook_line_is_named_and_nothing_applied(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    uplinkd.run(config, "--once")
+    running = uplinkd.kernel_state()
+    firewall = uplinkd.workdir / "firewall"
+    firewall.mkdir()
+    (firewall / "01.rules").write_text(
+        "add chain inet uplinkd extra\nadd rule inet uplinkd extra tcp dport 1 bogus-verdict\n"
+    )
+    result = uplinkd.run(config, "--once", check=False)
+    assert result.returncode == 2
+    assert f"{firewall / '01.rules'}:2" in result.stderr, result.stderr
+    assert uplinkd.kernel_state() == running
+
+
+def test_daemon_reload_keeps_running_configuration_when_new_one_is_bad(
+    lab2: Lab, uplinkd: Uplinkd
+) -> None:
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    cmd = ["ip", "netns", "exec", lab2.ns_router, sys.executable, "-m", "uplinkd.cli"]
+    daemon = subprocess.Popen([*cmd, "--config", str(config)], stderr=subprocess.PIPE, text=True)
+    log = LogReader(daemon)
+    try:
+        assert log.wait_for("applied generation 1"), log.text
+        running = uplinkd.kernel_state()
+        config.write_text("[[link]\n")
+        daemon.send_signal(signal.SIGHUP)
+        assert log.wait_for("reload refused, keeping the running configuration"), log.text
+        assert str(config) in log.text
+        assert daemon.poll() is None
+        assert uplinkd.kernel_state() == running
+        result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 100)
+        assert result.failed == 0
+
+        config.write_text(TWO_LINKS.format(w1=1, w2=1))  # a good reload is applied
+        daemon.send_signal(signal.SIGHUP)
+        assert log.wait_for("applied generation 2"), log.text
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+    assert log.wait_for("datapath left in place"), log.text
+    assert "table inet uplinkd" in uplinkd.kernel_state()  # traffic keeps flowing after SIGTERM
+
+
+class LogReader:
+    """Collects a process's stderr in a thread so a test can wait for a line, bounded."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 15.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: needle in self.text, timeout)
