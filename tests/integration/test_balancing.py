@@ -202,3 +202,31 @@ def test_unsafe_hook_file_is_refused_with_its_name(lab2: Lab, uplinkd: Uplinkd) 
     unsafe.chmod(0o644)
     result = uplinkd.run(uplinkd.workdir / "uplinkd.toml", "--once")
     assert f"{unsafe}: refused: owned by uid 65534, not root" in result.stderr
+
+
+def test_command_hooks_run_in_stage_order_after_a_rebuild(lab2: Lab, uplinkd: Uplinkd) -> None:
+    marker = uplinkd.workdir / "order"
+    for stage, command in (
+        ("pre-run", f"echo pre-run >> {marker}"),
+        (
+            "routes",
+            f"ip route replace 198.51.100.0/24 dev lan0 table 77 && echo routes >> {marker}",
+        ),
+        ("post-run", f"echo post-run >> {marker}"),
+    ):
+        (uplinkd.workdir / stage).mkdir()
+        (uplinkd.workdir / stage / "01.commands").write_text(f"# {stage}\n{command}\n")
+    (uplinkd.workdir / "post-run" / "02.fails").write_text("exit 3\n")
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=1))
+    try:
+        result = uplinkd.run(config, "--once", check=False)
+        assert result.returncode == 1  # a failing command is reported, the datapath stays applied
+        assert f"{uplinkd.workdir / 'post-run' / '02.fails'}:1: exit 3" in result.stderr
+        assert marker.read_text().split() == ["pre-run", "routes", "post-run"]
+        table = lab2.run(lab2.ns_router, "ip", "route", "show", "table", "77").stdout
+        assert "198.51.100.0/24 dev lan0" in table
+        assert "table inet uplinkd" in uplinkd.kernel_state()
+        uplinkd.run(config, "--once", check=False)  # nothing to rebuild: commands not run again
+        assert marker.read_text().split() == ["pre-run", "routes", "post-run"]
+    finally:
+        lab2.run(lab2.ns_router, "ip", "route", "flush", "table", "77", check=False)

@@ -213,3 +213,17 @@ class LogReader:
     def wait_for(self, needle: str, timeout: float = 15.0) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: needle in self.text, timeout)
+
+
+def test_link_without_ipv4_address_is_left_out_with_a_warning(lab2: Lab, uplinkd: Uplinkd) -> None:
+    r = lab2.ns_router
+    lab2.run(r, "ip", "link", "add", "wan3", "type", "veth", "peer", "name", "wan3peer")
+    try:
+        text = TWO_LINKS.format(w1=1, w2=1) + '\n[[link]]\nname = "ISP3"\ndevice = "wan3"\n'
+        result = uplinkd.run(uplinkd.write_config(text), "--once")
+        assert "ISP3" in result.stderr and "wan3" in result.stderr, result.stderr
+        assert "no IPv4 address" in result.stderr
+        shares = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 200).counts_by_isp()
+        assert shares["ISP1"] > 50 and shares["ISP2"] > 50, shares
+    finally:
+        lab2.run(r, "ip", "link", "del", "wan3", check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import BackendUnavailableError
 from .base import AppliedState, ApplyKind, Backend
 from .nftables import NftablesBackend
 
@@ -10,7 +11,11 @@ def get_backend(name: str) -> Backend:
     """The backend for a configuration's `backend` key ("nftables" or "auto")."""
     if name in ("nftables", "auto"):
         return NftablesBackend()
-    raise ValueError(f"unknown backend {name!r}; known: nftables, auto")
+    if name == "iptables":
+        raise BackendUnavailableError(
+            'the legacy iptables backend is not part of this version yet; use backend = "nftables"'
+        )
+    raise BackendUnavailableError(f"unknown backend {name!r}; known: nftables, auto")
 
 
 __all__ = ["AppliedState", "ApplyKind", "Backend", "NftablesBackend", "get_backend"]
