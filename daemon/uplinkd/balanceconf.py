@@ -27,7 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .config import (
+from .model import Config, Firewall, LanConfig, LinkConfig, Method, Monitor, Rule
+from .validate import (
     MONITOR_KEYS,
     MONITOR_LIMITS,
     At,
@@ -39,7 +40,6 @@ from .config import (
     parse_ipv4,
     validate,
 )
-from .model import Config, Firewall, LanConfig, LinkConfig, Method, Monitor, Rule
 
 Resolver = Callable[[str], ipaddress.IPv4Address]
 

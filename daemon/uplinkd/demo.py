@@ -87,7 +87,8 @@ def run(connections: int) -> int:
             subprocess.run(_uplinkd(lab, "--config", str(config), "--once", "ISP2"), check=True)
             result = lab.connect_many(lab.ns_lan, INET_HOST, 80, connections // 2)
             _report(
-                "ISP1 marked down (uplinkd --once ISP2: a map update, no rebuild); new connections:",
+                "ISP1 marked down (uplinkd --once ISP2: a map update, no rebuild);"
+                " new connections:",
                 lab,
                 result.counts_by_isp(lab),
                 result.failed,

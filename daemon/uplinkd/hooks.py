@@ -17,15 +17,17 @@ import os
 import stat
 import subprocess
 import traceback
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from . import const
-from .errors import HookError
+from .errors import ConfigError, HookError
 from .model import Config, Match, Method, PortForward, PortRange, Rule
 from .plan import HookLine, LinkFacts, RouteSpec
 from .planner import MAIN_TABLE, Extras
+from .validate import At, parse_forward_target, parse_ipv4, parse_network, parse_port_range
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +76,40 @@ def hook_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return found, refused
 
 
-def _ports(value: int | str | Sequence[int | str] | None) -> tuple[PortRange, ...]:
+_Value = TypeVar("_Value")
+_Parsed = TypeVar("_Parsed")
+
+
+def _parse(parse: Callable[[_Value, At], _Parsed], value: _Value, what: str) -> _Parsed:
+    """A hook's argument, read by the configuration's own parser. Its complaint is raised as a
+    ValueError naming the argument; _run_python adds the hook's file and line."""
+    try:
+        return parse(value, At(Path()))
+    except ConfigError as error:
+        raise ValueError(f"{what}: {error.message}") from None
+
+
+def _loose_network(text: str, at: At) -> ipaddress.IPv4Network:
+    # Net-ISP-Balance handed these to iptables, which clears host bits; hooks still may set them.
+    return parse_network(text, at, strict=False)
+
+
+def _gateway(text: str, at: At) -> ipaddress.IPv4Address:
+    return parse_ipv4(text, at, "an IPv4 address or an ISP service name")
+
+
+def _ports(value: int | str | Sequence[int | str] | None, what: str) -> tuple[PortRange, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, (int, str)) else list(value)
-    ranges = []
-    for item in items:
-        first, _, last = str(item).partition("-")
-        ranges.append(PortRange(int(first), int(last or first)))
-    return tuple(ranges)
+    return tuple(_parse(parse_port_range, item, what) for item in items)
 
 
-def _networks(value: str | Sequence[str] | None) -> tuple[ipaddress.IPv4Network, ...]:
+def _networks(value: str | Sequence[str] | None, what: str) -> tuple[ipaddress.IPv4Network, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else list(value)
-    return tuple(ipaddress.IPv4Network(item, strict=False) for item in items)
+    return tuple(_parse(_loose_network, item, what) for item in items)
 
 
 class Balancer:
@@ -155,15 +175,11 @@ class Balancer:
     def forward(self, port: int | str, host: str, *protocols: str) -> None:
         """Forward an incoming port to a LAN host: forward(80, "192.168.10.35"),
         forward(23, "192.168.10.35:22"), forward(53, "192.168.10.2", "tcp", "udp")."""
-        address, _, host_port = host.partition(":")
+        incoming = _ports(port, "forward() port")[0]
+        address, host_port = _parse(parse_forward_target, host, "forward() host")
         for proto in protocols or ("tcp",):
             self.forwards.append(
-                PortForward(
-                    port=_ports(port)[0],
-                    host=ipaddress.IPv4Address(address),
-                    host_port=int(host_port) if host_port else None,
-                    proto=proto,
-                )
+                PortForward(port=incoming, host=address, host_port=host_port, proto=proto)
             )
 
     def force_route(
@@ -182,11 +198,11 @@ class Balancer:
         refused, unless fallback=True lets them use the other services in priority order."""
         self.role(service)
         match = Match(
-            src=_networks(src),
-            dst=_networks(dst),
+            src=_networks(src, "force_route() src"),
+            dst=_networks(dst, "force_route() dst"),
             proto=proto,
-            sport=_ports(sport),
-            dport=_ports(dport),
+            sport=_ports(sport, "force_route() sport"),
+            dport=_ports(dport, "force_route() dport"),
             iif=(iif,) if isinstance(iif, str) else tuple(iif or ()),
         )
         path, line = self._origin
@@ -206,13 +222,13 @@ class Balancer:
             dev = dev or self._facts[via].device
             gateway = self._facts[via].gateway
         elif via:
-            gateway = ipaddress.IPv4Address(via)
+            gateway = _parse(_gateway, via, "add_route() via")
         if dev is None:
             raise ValueError("add_route needs dev= or a service name as via=")
         self.routes.append(
             RouteSpec(
                 table=MAIN_TABLE,
-                dst=ipaddress.IPv4Network(dest, strict=False),
+                dst=_parse(_loose_network, dest, "add_route() dest"),
                 device=dev,
                 gateway=gateway,
                 scope_link=gateway is None,

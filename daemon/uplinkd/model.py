@@ -1,4 +1,4 @@
-"""The configuration as plain, validated data (produced by config.py and balanceconf.py)."""
+"""The configuration as plain, validated data (read by tomlconf.py and balanceconf.py)."""
 
 from __future__ import annotations
 

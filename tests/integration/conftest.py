@@ -61,8 +61,9 @@ class Uplinkd:
         parts = []
         for argv in (
             ("nft", "list", "ruleset"),
-            ("ip", "rule", "show"),
-            ("ip", "route", "show", "table", "all"),
+            # IPv4 only: the kernel adds IPv6 link-local routes whenever DAD completes.
+            ("ip", "-4", "rule", "show"),
+            ("ip", "-4", "route", "show", "table", "all"),
         ):
             parts.append(self.lab.run(self.lab.ns_router, *argv).stdout)
         return "\n".join(parts)

@@ -1,4 +1,4 @@
-"""The TOML configuration, format detection and the shared checks (config.py)."""
+"""The TOML configuration, format detection and the shared checks (config, tomlconf, validate)."""
 
 from __future__ import annotations
 

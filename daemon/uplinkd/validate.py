@@ -1,0 +1,344 @@
+"""The checks both configuration formats share, so an error reads the same in either.
+
+The TOML reader (tomlconf.py), the balance.conf reader (balanceconf.py) and the `.py` hooks
+(hooks.py) parse values with the parse_* functions here and check what they built with the check_*
+functions; validate() checks a whole model.Config. Every error names the file, line and key (At).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+from . import const
+from .errors import ConfigError
+from .model import (
+    PLANNED_METHODS,
+    Config,
+    HashBy,
+    LinkConfig,
+    Method,
+    Monitor,
+    PortForward,
+    PortRange,
+    Rule,
+)
+
+PROTOCOLS = ("tcp", "udp", "icmp")
+FORWARD_PROTOCOLS = ("tcp", "udp")
+BACKENDS = ("nftables", "iptables")
+MONITOR_KEYS = tuple(f.name for f in fields(Monitor))
+# Lowest and highest value of each numeric Monitor key (None: no upper bound).
+MONITOR_LIMITS: Mapping[str, tuple[int, int | None]] = {
+    "interval_ms": (10, None),
+    "timeout_ms": (1, None),
+    "max_packet_loss": (0, 100),
+    "max_successive_pkts_lost": (1, None),
+    "min_packet_loss": (0, 100),
+    "min_successive_pkts_rcvd": (1, None),
+    "long_down_time": (0, None),
+}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+_DEVICE = re.compile(r"[^\s/]{1,15}")  # the kernel's IFNAMSIZ; ':' allowed for alias labels
+_MAIN_RULE_PRIORITY = 32766  # the kernel's "lookup main" rule; uplinkd's rules must come first
+_RESERVED_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a value was written, for the error that names it."""
+
+    path: Path
+    line: int = 0
+    key: str = ""
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(self.path, message, line=self.line, key=self.key)
+
+
+class AtFn(Protocol):
+    """Where a key (and optionally one value of it) of one configuration object was written."""
+
+    def __call__(self, key: str, value: object = None, /) -> At: ...
+
+
+def line_at(path: Path, line: int, prefix: str = "") -> AtFn:
+    """Every key of one object is at its line (balance.conf rows, objects built in code)."""
+
+    def at(key: str, value: object = None, /) -> At:
+        return At(path, line, f"{prefix}.{key}" if prefix else key)
+
+    return at
+
+
+def listing(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+# --- value parsers shared by both formats and the hooks -------------------------------------------
+
+
+def check_name(name: str, at: At) -> None:
+    if not _NAME.fullmatch(name):
+        raise at.error(
+            f"invalid name '{name}': use 1-32 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def check_device(device: str, at: At) -> None:
+    if not device:
+        raise at.error("a device is required, e.g. 'eth0'")
+    if device in {".", ".."} or not _DEVICE.fullmatch(device):
+        raise at.error(f"invalid device name '{device}': 1-15 characters, no '/' or spaces")
+
+
+def parse_ipv4(text: str, at: At, what: str = "an IPv4 address") -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise at.error(f"'{text}' is not {what}") from None
+
+
+def parse_network(text: str, at: At, *, strict: bool = True) -> ipaddress.IPv4Network:
+    """A prefix; strict=False clears host bits (10.1.2.3/8 is 10.0.0.0/8), as iptables did."""
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.IPv4Network(text, strict=False)
+        except ValueError:
+            raise at.error(f"'{text}' is not an IPv4 address or prefix like 10.0.0.0/8") from None
+        if not strict:
+            return loose
+        raise at.error(f"'{text}' has host bits set; did you mean {loose}?") from None
+
+
+def parse_port_range(value: object, at: At) -> PortRange:
+    """A port (443, "443") or an inclusive range ("8000-8080")."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    found = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", text)
+    if found:
+        first = int(found.group(1))
+        last = int(found.group(2) or first)
+        if 1 <= first <= last <= 65535:
+            return PortRange(first, last)
+    raise at.error(f'{value!r} is not a port (1-65535) or a port range like "8000-8080"')
+
+
+def parse_forward_target(text: str, at: At) -> tuple[ipaddress.IPv4Address, int | None]:
+    """Net-ISP-Balance's forward() target: "192.168.10.35" or "192.168.10.35:22"."""
+    host, sep, port = text.partition(":")
+    address = parse_ipv4(host, at, "an IPv4 address, optionally with ':port'")
+    if not sep:
+        return address, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise at.error(f"'{text}': the port after ':' must be 1-65535")
+    return address, int(port)
+
+
+def parse_method(text: str, at: At) -> Method:
+    try:
+        method = Method(text)
+    except ValueError:
+        raise at.error(
+            f"unknown method '{text}'; the methods are {listing(m.value for m in Method)}"
+        ) from None
+    if method not in PLANNED_METHODS:
+        available = listing(m.value for m in Method if m in PLANNED_METHODS)
+        raise at.error(
+            f"method '{text}' is not available yet in this version; available now: {available}"
+        )
+    return method
+
+
+def parse_by(text: str, at: At) -> HashBy:
+    try:
+        return HashBy(text)
+    except ValueError:
+        raise at.error(f"unknown value '{text}'; allowed: {listing(HashBy)}") from None
+
+
+def expand_group(
+    tokens: Sequence[str], links: Sequence[str], lans: Sequence[str], at: AtFn
+) -> tuple[str, ...]:
+    """A forwarding group: link and LAN names, ':isp' for every link, ':lan' for every LAN."""
+    members: list[str] = []
+    for member in tokens:
+        if member not in {":isp", ":lan", *links, *lans}:
+            known = listing([*links, *lans, ":isp", ":lan"])
+            message = f"unknown name '{member}' in a forwarding group; known: {known}"
+            raise at("forwarding_groups", member).error(message)
+        names = links if member == ":isp" else lans if member == ":lan" else [member]
+        members += [name for name in names if name not in members]
+    if not members:
+        raise at("forwarding_groups").error("a forwarding group needs at least one member")
+    return tuple(members)
+
+
+# --- checks of one object, shared by both parsers and by validate() -------------------------------
+
+
+def check_range(value: int, low: int, high: int | None, at: At) -> None:
+    if value < low or (high is not None and value > high):
+        allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise at.error(f"{value} is out of range; it must be {allowed}")
+
+
+def check_monitor(monitor: Monitor, at: AtFn) -> None:
+    for key, (low, high) in MONITOR_LIMITS.items():
+        check_range(getattr(monitor, key), low, high, at(key))
+    if monitor.max_packet_loss <= monitor.min_packet_loss:
+        raise at("max_packet_loss").error(
+            f"must be greater than min_packet_loss ({monitor.min_packet_loss}), "
+            "or the link would flap between up and down"
+        )
+
+
+def check_link(link: LinkConfig, at: AtFn) -> None:
+    check_name(link.name, at("name"))
+    check_device(link.device, at("device"))
+    check_range(link.weight, 1, None, at("weight"))
+    check_range(link.priority, 1, None, at("priority"))
+    for target in link.targets:
+        if target.is_unspecified or target.is_multicast or target == _BROADCAST:
+            raise at("targets", target).error(f"{target} cannot be a probe target")
+        if link.targets.count(target) > 1:
+            raise at("targets", target).error(f"{target} is listed twice")
+    check_range(link.reliability, 1, None, at("reliability"))
+    # No targets: the link's gateway is the one probe target.
+    if link.reliability > max(1, len(link.targets)):
+        raise at("reliability").error(
+            f"{link.reliability} targets must answer but the link has only "
+            f"{max(1, len(link.targets))}; reliability is at most the number of targets"
+        )
+    for which, mbps in (("down", link.bandwidth_down_mbps), ("up", link.bandwidth_up_mbps)):
+        if mbps is not None and not mbps > 0:
+            raise at(f"bandwidth_mbps.{which}").error("must be a positive number of Mbit/s")
+    check_monitor(link.monitor, lambda key, value=None: at(f"monitor.{key}", value))
+
+
+def check_rule(rule: Rule, links: Sequence[str], at: AtFn) -> None:
+    parse_method(rule.method.value, at("method"))
+    for name in rule.links:
+        if name not in links:
+            raise at("links", name).error(f"unknown link '{name}'; the links are {listing(links)}")
+        if rule.links.count(name) > 1:
+            raise at("links", name).error(f"link '{name}' is listed twice")
+    if rule.method is Method.ENFORCED and len(rule.links) != 1:
+        raise at("links").error(
+            f"method 'enforced' needs exactly one link in 'links' (found {len(rule.links)})"
+        )
+    match = rule.match
+    if match.proto is not None and match.proto not in PROTOCOLS:
+        raise at("match.proto").error(
+            f"unknown protocol '{match.proto}'; allowed: {listing(PROTOCOLS)}"
+        )
+    if match.proto == "icmp" and (match.sport or match.dport):
+        raise at("match.proto").error("ports need proto 'tcp' or 'udp', not 'icmp'")
+    for device in match.iif:
+        check_device(device, at("match.iif", device))
+
+
+def check_forward(forward: PortForward, links: Sequence[str], at: AtFn) -> None:
+    parse_port_range(str(forward.port), at("port"))
+    if forward.proto not in FORWARD_PROTOCOLS:
+        raise at("proto").error(f"unknown protocol '{forward.proto}'; allowed: 'tcp', 'udp'")
+    if forward.host_port is not None:
+        check_range(forward.host_port, 1, 65535, at("to"))
+        if forward.port.first != forward.port.last:
+            raise at("to").error("a port range is forwarded to the same ports; drop the ':port'")
+    host = forward.host
+    if host.is_unspecified or host.is_multicast or host.is_loopback:
+        raise at("to").error(f"{host} cannot receive forwarded connections")
+    for name in forward.links:
+        if name not in links:
+            raise at("links", name).error(f"unknown link '{name}'; the links are {listing(links)}")
+
+
+def check_kernel(mask: int, table_base: int, rule_priority: int, links: int, at: AtFn) -> None:
+    low = mask & -mask
+    if not 0 < mask <= 0xFFFFFFFF or (mask // low) & (mask // low + 1):
+        raise at("mark_mask").error(
+            f"{mask:#x} is not one run of set bits within 32 bits, e.g. 0x0000ff00"
+        )
+    room = min(const.MAX_LINKS, (1 << mask.bit_count()) - 2)
+    if links > room:
+        raise at("mark_mask").error(f"{mask:#010x} has room for {room} links, not {links}")
+    tables = range(table_base, table_base + links + 1)
+    if table_base < 1 or tables[-1] > 0xFFFFFFFF or _RESERVED_TABLES.intersection(tables):
+        raise at("table_base").error(
+            f"uplinkd uses tables {tables[0]}..{tables[-1]}; they must avoid 0, 253 (default), "
+            "254 (main) and 255 (local) and stay below 2^32"
+        )
+    highest = _MAIN_RULE_PRIORITY - 1 - const.RULE_OFFSET_DEFAULT
+    check_range(rule_priority, 1, highest, at("rule_priority"))
+
+
+def validate(config: Config) -> None:
+    """Check a whole configuration; raises ConfigError naming the first problem."""
+    path = config.path
+    if not config.links:
+        if config.format == "balance.conf":
+            raise ConfigError(path, "no isp service: add a line 'NAME DEVICE isp PING-IP'")
+        raise ConfigError(path, "no link defined: add a [[link]] table with name and device")
+    _check_unique(config)
+    for link in config.links:
+        check_link(link, line_at(path, link.line, "link"))
+    for lan in config.lans:
+        check_name(lan.name, At(path, lan.line, "lan.name"))
+        check_device(lan.device, At(path, lan.line, "lan.device"))
+    links = [link.name for link in config.links]
+    for index, rule in enumerate((*config.rules, config.default)):
+        at = line_at(path, rule.line, "rule" if rule is not config.default else "default")
+        check_rule(rule, links, at)
+        if rule.match.is_empty() and index + 1 < len(config.rules):
+            raise at("match").error(
+                f"rule '{rule.name}' matches all traffic, so the rules after it never match; "
+                "give it a match, or make it the [default]"
+            )
+    for index, forward in enumerate(config.forwards):
+        at = line_at(path, forward.line, "forward")
+        check_forward(forward, links, at)
+        for other in config.forwards[:index]:
+            shared = set(other.links or links) & set(forward.links or links)
+            ports = forward.port.first <= other.port.last and other.port.first <= forward.port.last
+            if other.proto == forward.proto and ports and shared:
+                raise at("port").error(
+                    f"{forward.proto} port {forward.port} is already forwarded "
+                    f"(line {other.line}) on link '{sorted(shared)[0]}'"
+                )
+    lans = [lan.name for lan in config.lans]
+    for group in config.firewall.forwarding_groups:
+        expand_group(group, links, lans, line_at(path, 0, "firewall"))
+    kernel = line_at(path, 0, "kernel")
+    check_kernel(config.mark_mask, config.table_base, config.rule_priority, len(links), kernel)
+    if config.backend not in BACKENDS:
+        allowed = listing(BACKENDS)
+        raise At(path, 0, "backend").error(
+            f"unknown backend '{config.backend}'; allowed: {allowed}"
+        )
+
+
+def _check_unique(config: Config) -> None:
+    """Link and LAN names share one namespace (forwarding groups use both), and so do devices."""
+    seen: dict[tuple[str, str], int] = {}
+    items = [("link", i.name, i.device, i.line) for i in config.links]
+    items += [("lan", i.name, i.device, i.line) for i in config.lans]
+    for kind, name, device, line in items:
+        for key, value in (("name", name), ("device", device)):
+            if (key, value) in seen:
+                message = f"duplicate {key} '{value}' (already used at line {seen[key, value]})"
+                raise At(config.path, line, f"{kind}.{key}").error(message)
+            seen[key, value] = line
+    rules: dict[str, int] = {config.default.name: config.default.line}
+    for rule in config.rules:
+        if rule.name in rules:
+            at = At(config.path, rule.line, "rule.name")
+            raise at.error(f"duplicate rule name '{rule.name}' ('default' is the [default] rule)")
+        rules[rule.name] = rule.line
