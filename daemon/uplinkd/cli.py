@@ -110,9 +110,13 @@ async def _once(args: argparse.Namespace) -> int:
 
 
 async def _stop(args: argparse.Namespace) -> int:
+    # Stopping must work even when the configuration is gone or broken.
     backend_name = "nftables"
     if args.config.exists():
-        backend_name = load_config(args.config).backend
+        try:
+            backend_name = load_config(args.config).backend
+        except ConfigError as exc:
+            log.warning("%s; removing the nftables datapath", exc)
     datapath = Datapath(get_backend(backend_name))
     async with AsyncIPRoute() as ipr:
         removed = await datapath.remove(ipr)

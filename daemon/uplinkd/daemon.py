@@ -76,9 +76,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
 
-    async def apply(self, ipr: AsyncIPRoute) -> ApplyReport:
-        prepared = await prepare(ipr, self.config, self.services)
+    async def apply(self, ipr: AsyncIPRoute, config: Config) -> ApplyReport:
+        """Plan and apply `config`; it becomes the running one only if the kernel took it."""
+        prepared = await prepare(ipr, config, self.services)
         report = await self.datapath.apply(ipr, prepared.plan, prepared.hooks)
+        self.config = config
         if report.changed:
             self.generation += 1
         log.info("applied generation %d (%s)", self.generation, describe(report))
@@ -87,19 +89,9 @@ class Daemon:
     async def reload(self, ipr: AsyncIPRoute) -> None:
         """Load the configuration again; a bad one is refused and the running one stays."""
         try:
-            candidate = load_config(self.config_path, self.services)
-            prepared = await prepare(ipr, candidate, self.services)
-            self.datapath.backend.check(prepared.plan)
+            await self.apply(ipr, load_config(self.config_path, self.services))
         except UplinkdError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            return
-        previous = self.config
-        self.config = candidate
-        try:
-            await self.apply(ipr)
-        except UplinkdError as exc:
-            self.config = previous
-            log.error("reload could not be applied, keeping the running configuration: %s", exc)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,7 +99,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         async with AsyncIPRoute() as ipr:
-            await self.apply(ipr)
+            await self.apply(ipr, self.config)
             log.info(
                 "running with %d link(s); SIGHUP reloads, SIGTERM stops", len(self.config.links)
             )
