@@ -16,10 +16,12 @@ import logging
 import os
 import stat
 import subprocess
+import sys
 import traceback
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 from . import const
@@ -125,7 +127,16 @@ class Balancer:
         self.forwards: list[PortForward] = []
         self.routes: list[RouteSpec] = []
         self.nft_lines: list[HookLine] = []
-        self._origin = ("", 0)
+        self.current_file = ""  # the hook file now running, set by _run_python
+
+    def _where(self) -> tuple[str, int]:
+        """The hook file and the line in it that called a Balancer method."""
+        frame: FrameType | None = sys._getframe(1)  # the caller of the Balancer method
+        while frame is not None:
+            if frame.f_code.co_filename == self.current_file:
+                return self.current_file, frame.f_lineno
+            frame = frame.f_back
+        return self.current_file, 0
 
     # --- queries ---
     def services(self) -> list[str]:
@@ -205,7 +216,7 @@ class Balancer:
             dport=_ports(dport, "force_route() dport"),
             iif=(iif,) if isinstance(iif, str) else tuple(iif or ()),
         )
-        path, line = self._origin
+        path, line = self._where()
         name = f"{Path(path).name}:{line}"
         if fallback:
             others = [s for s in self.isp_services() if s != service]
@@ -237,7 +248,7 @@ class Balancer:
 
     def nft(self, command: str) -> None:
         """Add an nftables command to uplinkd's transaction."""
-        path, line = self._origin
+        path, line = self._where()
         self.nft_lines.append(HookLine(path, line, command.removeprefix("nft ").strip()))
 
 
@@ -247,7 +258,7 @@ def _run_python(path: Path, balancer: Balancer) -> None:
         code = compile(source, str(path), "exec")
     except SyntaxError as exc:
         raise HookError(path, f"syntax error: {exc.msg}", line=exc.lineno or 0) from exc
-    balancer._origin = (str(path), 0)
+    balancer.current_file = str(path)
     try:
         # Root-owned, not group/other-writable hook files are the admin's own code.
         exec(code, {"B": balancer, "__file__": str(path), "__name__": "uplinkd_hook"})  # noqa: S102

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,45 @@ def test_command_hooks_run_in_stage_order_after_a_rebuild(lab2: Lab, uplinkd: Up
         assert marker.read_text().split() == ["pre-run", "routes", "post-run"]
     finally:
         lab2.run(lab2.ns_router, "ip", "route", "flush", "table", "77", check=False)
+
+
+FIREWALLED = (
+    TWO_LINKS.format(w1=1, w2=1)
+    + """
+[default]
+method = "priority"
+
+[firewall]
+enabled = true
+forwarding_groups = [["LAN", "ISP1"]]
+ssh_from_lan = true
+icmp_rate_per_second = 5
+"""
+)
+
+
+def test_restrictive_firewall(lab2: Lab, uplinkd: Uplinkd) -> None:
+    router = lab2.ns_router
+    lab2.start_server(router, "0.0.0.0", [22, 80])  # the lab's own namespace
+    config = uplinkd.write_config(FIREWALLED)
+    uplinkd.run(config, "--once")
+
+    assert lab2.connect_many(lab2.ns_lan, "192.168.10.1", 22, 3).ok == 3  # ssh from the LAN
+    closed = lab2.connect_many(lab2.ns_lan, "192.168.10.1", 80, 2, timeout=0.5)
+    assert closed.errors == {"timeout": 2}  # anything else to the router is dropped
+    # From the Internet: ISP1 hands connections for its public address to the router.
+    outside = lab2.connect_many(lab2.ns_inet, "100.64.1.2", 22, 2, timeout=0.5)
+    assert outside.errors == {"timeout": 2}
+
+    via_isp1 = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 20)
+    assert via_isp1.counts_by_isp() == {"ISP1": 20, "ISP2": 0}  # replies pass: established
+    uplinkd.run(config, "--once", "ISP2")  # ISP2 is not in the LAN's forwarding group
+    via_isp2 = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 5, timeout=0.5)
+    assert via_isp2.ok == 0
+
+    flood = (
+        "from icmplib import ping; "
+        "print(ping('192.168.10.1', count=40, interval=0, timeout=0.02).packets_received)"
+    )
+    received = int(lab2.run(lab2.ns_lan, sys.executable, "-c", flood).stdout)
+    assert 0 < received < 25  # echo requests are answered, at a limited rate

@@ -205,8 +205,11 @@ def _firewall(plan: Plan) -> list[str]:
     common = ["ct state established,related accept", "ct state invalid drop"]
     input_rules = [
         'iif "lo" accept',
-        *common,
+        # Before the established rule: a flood reuses one echo id, which conntrack sees as
+        # one established "connection" that would otherwise bypass the limit.
         f"icmp type echo-request limit rate {fw.icmp_rate_per_second}/second accept",
+        "icmp type echo-request drop",
+        *common,
         "udp sport 67 udp dport 68 accept",  # the router's own DHCP client on an ISP link
     ]
     if plan.lan_devices:
