@@ -6,6 +6,7 @@ re-applies no-ops.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Collection, Sequence
@@ -122,12 +123,14 @@ def _dispatch(
     members = [links[name] for name in names if name in links]
     live = [link for link in members if link.up]
     name = index_name if index_name == "rule_default" else map_name(rule.name, index_name)
-    seed = f"{rule.name}"
     if rule.method in (Method.PRIORITY, Method.ENFORCED):
-        target = UNREACHABLE
-        if live:
+        # A rule that lists its links gives their order; otherwise the links' priorities do.
+        if rule.links:
+            order = {link_name: (i, 0) for i, link_name in enumerate(rule.links)}
+        else:
             order = {link.name: (link.priority, i) for i, link in enumerate(config.links)}
-            target = min(live, key=lambda link: order[link.name]).id
+        first = min(live, key=lambda link: order[link.name], default=None)
+        target = UNREACHABLE if first is None else first.id
         return Dispatch(name, rule.name, rule.match, Selector.RANDOM, (target,))
     weighted = [Weighted(link.id, link.name, config.link(link.name).weight) for link in members]
     if rule.method is Method.PERSISTENCE:
@@ -137,9 +140,10 @@ def _dispatch(
         selector = Selector.RANDOM
         minimum = 1
     count = exact_bucket_count([w.weight for w in weighted], minimum) if weighted else 1
-    owners = assign(count, weighted, {link.id for link in live}, seed)
+    owners = assign(count, weighted, {link.id for link in live}, rule.name)
     targets = tuple(UNREACHABLE if owner is None else owner for owner in owners)
-    hash_seed = int.from_bytes(seed.encode()[:4].ljust(4, b"\0"), "big")
+    # Each rule hashes with its own seed, so two persistence rules do not pair the same flows.
+    hash_seed = int.from_bytes(hashlib.blake2b(rule.name.encode(), digest_size=4).digest(), "big")
     return Dispatch(name, rule.name, rule.match, selector, targets, seed=hash_seed)
 
 

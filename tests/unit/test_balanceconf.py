@@ -10,6 +10,8 @@ from uplinkd import balanceconf, config
 from uplinkd.errors import ConfigError
 from uplinkd.model import Config, Method, Monitor
 
+from . import expect
+
 EXAMPLES = Path(__file__).parents[2] / "data" / "examples"
 PATH = Path("/etc/network/balance.conf")
 HOSTS = {"www.google.ca": ipaddress.IPv4Address("142.250.69.99")}
@@ -29,13 +31,8 @@ def parse(text: str) -> Config:
 def refused(text: str, line: int, key: str, *fragments: str) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
         parse(text)
-    error = caught.value
-    message = str(error)
-    assert (error.line, error.key) == (line, key), message
-    assert message.startswith(f"{PATH}:{line}: {key + ': ' if key else ''}"), message
-    for fragment in fragments:
-        assert fragment in message
-    return error
+    expect.config_error(caught.value, PATH, line, key, *fragments)
+    return caught.value
 
 
 def test_example_file() -> None:

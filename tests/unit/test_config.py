@@ -21,6 +21,8 @@ from uplinkd.model import (
     Rule,
 )
 
+from . import expect
+
 EXAMPLES = Path(__file__).parents[2] / "data" / "examples"
 PATH = Path("/etc/uplinkd/uplinkd.toml")
 
@@ -46,13 +48,8 @@ def parse(extra: str = "", base: str = BASE) -> Config:
 def refused(extra: str, line: int, key: str, *fragments: str, base: str = BASE) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
         parse(extra, base)
-    error = caught.value
-    message = str(error)
-    assert (error.line, error.key) == (line, key), message
-    assert message.startswith(f"{PATH}:{line}: {key + ': ' if key else ''}"), message
-    for fragment in fragments:
-        assert fragment in message
-    return error
+    expect.config_error(caught.value, PATH, line, key, *fragments)
+    return caught.value
 
 
 def test_example_file_parses() -> None:

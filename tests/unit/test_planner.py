@@ -104,6 +104,15 @@ def test_priority_picks_highest_priority_healthy_link() -> None:
     assert planner.plan(cfg, f, set()).dispatches[0].targets == (UNREACHABLE,)
 
 
+def test_priority_rule_listing_links_uses_their_order() -> None:
+    backup_first = Rule("backup", Method.PRIORITY, links=("ISP3", "ISP1"))
+    cfg = config({"ISP1": 1, "ISP2": 1, "ISP3": 1}, rules=(backup_first,))
+    f = facts("ISP1", "ISP2", "ISP3")
+    assert planner.plan(cfg, f, {"ISP1", "ISP2", "ISP3"}).dispatches[0].targets == (3,)
+    assert planner.plan(cfg, f, {"ISP1", "ISP2"}).dispatches[0].targets == (1,)
+    assert planner.plan(cfg, f, {"ISP2"}).dispatches[0].targets == (UNREACHABLE,)
+
+
 def test_enforced_never_leaks_to_another_link() -> None:
     mail = Rule(
         "mail",
