@@ -19,7 +19,7 @@ from . import config as config_loader
 from . import discovery, hooks, planner
 from .backends import get_backend
 from .datapath import ApplyReport, Datapath
-from .errors import ConfigError, UplinkdError
+from .errors import ConfigError, DiscoveryError, UplinkdError
 from .model import Config
 from .plan import LinkFacts, Plan
 
@@ -52,6 +52,9 @@ async def prepare(ipr: AsyncIPRoute, config: Config, services: Collection[str] =
     facts, warnings = await discovery.discover(ipr, config.links)
     for warning in warnings:
         log.warning("%s", warning)
+    if not facts:
+        # Applying would refuse every new connection; better to leave the kernel as it is.
+        raise DiscoveryError(f"{config.path}: no link has a usable device; nothing applied")
     up = frozenset(services) if services else frozenset(link.name for link in config.links)
     found = hooks.load(config, facts, up)
     plan = planner.plan(config, facts, up, found.extras)
