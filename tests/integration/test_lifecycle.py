@@ -227,3 +227,15 @@ def test_link_without_ipv4_address_is_left_out_with_a_warning(lab2: Lab, uplinkd
         assert shares["ISP1"] > 50 and shares["ISP2"] > 50, shares
     finally:
         lab2.run(r, "ip", "link", "del", "wan3", check=False)
+
+
+def test_no_usable_link_applies_nothing(lab2: Lab, uplinkd: Uplinkd) -> None:
+    before = uplinkd.kernel_state()
+    text = (
+        TWO_LINKS.format(w1=1, w2=1).replace('"wan1"', '"nowhere1"').replace('"wan2"', '"nowhere2"')
+    )
+    result = uplinkd.run(uplinkd.write_config(text), "--once", check=False)
+    assert result.returncode == 1
+    assert "no link has a usable device; nothing applied" in result.stderr
+    assert "device nowhere1 does not exist" in result.stderr
+    assert uplinkd.kernel_state() == before
