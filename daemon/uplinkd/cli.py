@@ -13,7 +13,7 @@ from pyroute2 import AsyncIPRoute
 
 from . import __version__, const, routing
 from .backends import get_backend
-from .daemon import Daemon, describe, load_config, prepare
+from .daemon import Daemon, load_config, prepare
 from .datapath import Datapath
 from .errors import ConfigError, HookError, UplinkdError
 
@@ -105,7 +105,7 @@ async def _once(args: argparse.Namespace) -> int:
         prepared = await prepare(ipr, config, args.services)
         report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
     up = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
-    log.info("applied with links up: %s (%s)", up, describe(report))
+    log.info("applied with links up: %s (%s)", up, report.describe())
     return EXIT_FAILURE if report.failed_commands else 0
 
 
@@ -142,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # transitions logs every state callback at INFO; uplinkd logs the transitions itself.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     try:
         return asyncio.run(_run(args))
     except (ConfigError, HookError) as exc:

@@ -38,3 +38,25 @@ HOOK_DIRS: Final = ("pre-run", "routes", "firewall", "post-run")
 HOOK_COMMAND_TIMEOUT_S: Final = 10.0
 
 DEFAULT_CONFIG_PATH: Final = "/etc/uplinkd/uplinkd.toml"
+
+# Link monitoring (link.py). Probe rounds kept for the loss percentage: 20 rounds give 5 % steps, so
+# foolsm's 15 %/5 % and uplinkd's 20 %/10 % thresholds are exact, and span 4 s at 200 ms probing.
+LOSS_WINDOW_ROUNDS: Final = 20
+# Flap damping: a link that stays up this long is stable again and its flap count is forgotten.
+FLAP_WINDOW_S: Final = 60.0
+# Two up->down changes may be an outage and its repair; a third without a stable spell is flapping.
+FLAP_DAMPING_FROM: Final = 3
+# First hold-down: ten probe intervals, which already cuts a 300 ms flap to a few transitions.
+FLAP_HOLD_MIN_S: Final = 2.0
+# Holds double per further flap up to this, so even a chronic flapper is retried every 5 minutes.
+FLAP_HOLD_MAX_S: Final = 300.0
+
+# Transitions arriving within this time share one apply (several links dying at once, a probe
+# round reporting on every link together); short enough not to matter for failover time.
+COALESCE_S: Final = 0.005
+# How often link timers (long_down, flap hold-down) are looked at; well under a probe interval.
+TICK_S: Final = 0.1
+# At stop, event hooks and mail still in flight get this long before they are abandoned.
+SHUTDOWN_DRAIN_S: Final = 5.0
+# An event hook (up.d/, down.d/, long_down.d/) that runs longer is killed; foolsm had none.
+EVENT_HOOK_TIMEOUT_S: Final = 10.0

@@ -1,7 +1,8 @@
-"""One uplinkd instance: load a configuration, plan, apply; reload on SIGHUP, stop on SIGTERM.
+"""One uplinkd instance: load, plan and apply (one-shot modes), or run the daemon.
 
-Link monitoring feeds `set_up()` later; today the set of usable links is what the command line
-names (all links when it names none), like Net-ISP-Balance's `load_balance.pl CABLE DSL`.
+The one-shot modes (`-d`, `--once`) treat the links the command line names as up (all of them
+when it names none), like Net-ISP-Balance's `load_balance.pl CABLE DSL`; the daemon lets link
+monitoring decide, and a command line naming links keeps the others administratively down.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 
 from . import config as config_loader
-from . import discovery, hooks, planner
+from . import const, discovery, hooks, planner
 from .backends import get_backend
-from .datapath import ApplyReport, Datapath
+from .coordinator import Coordinator
+from .datapath import Datapath
 from .errors import ConfigError, DiscoveryError, UplinkdError
+from .events import EventHooks
 from .model import Config
+from .notify import Mailer
 from .plan import LinkFacts, Plan
 
 log = logging.getLogger("uplinkd")
@@ -61,40 +65,34 @@ async def prepare(ipr: AsyncIPRoute, config: Config, services: Collection[str] =
     return Prepared(config, tuple(facts), up, found, plan)
 
 
-def describe(report: ApplyReport) -> str:
-    r = report.routing
-    return (
-        f"netfilter: {report.netfilter}; routes +{r.routes_added}/-{r.routes_removed}; "
-        f"rules +{r.rules_added}/-{r.rules_removed}; sysctls changed: {len(report.sysctls)}"
-    )
-
-
 class Daemon:
+    """The foreground daemon: the coordinator plus signal handling."""
+
     def __init__(self, config_path: Path, services: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.services = tuple(services)
-        self.config = load_config(config_path, services)
-        self.datapath = Datapath(get_backend(self.config.backend))
-        self.generation = 0
+        config = load_config(config_path, services)
+        self.datapath = Datapath(get_backend(config.backend))
+        self.coordinator = Coordinator(
+            config,
+            self.datapath,
+            services=self.services,
+            events=EventHooks(config.hook_root, const.EVENT_HOOK_TIMEOUT_S),
+            mailer=Mailer(config.mail),
+        )
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
 
-    async def apply(self, ipr: AsyncIPRoute, config: Config) -> ApplyReport:
-        """Plan and apply `config`; it becomes the running one only if the kernel took it."""
-        prepared = await prepare(ipr, config, self.services)
-        report = await self.datapath.apply(ipr, prepared.plan, prepared.hooks)
-        self.config = config
-        if report.changed:
-            self.generation += 1
-        log.info("applied generation %d (%s)", self.generation, describe(report))
-        return report
-
-    async def reload(self, ipr: AsyncIPRoute) -> None:
+    async def reload(self) -> None:
         """Load the configuration again; a bad one is refused and the running one stays."""
         try:
-            await self.apply(ipr, load_config(self.config_path, self.services))
+            config = load_config(self.config_path, self.services)
+            await self.coordinator.reconfigure(config)
         except UplinkdError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if self.coordinator.mailer is not None:
+            self.coordinator.mailer.configure(config.mail)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,10 +100,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         async with AsyncIPRoute() as ipr:
-            await self.apply(ipr, self.config)
-            log.info(
-                "running with %d link(s); SIGHUP reloads, SIGTERM stops", len(self.config.links)
-            )
+            await self.coordinator.start(ipr)
+            links = len(self.coordinator.config.links)
+            log.info("running with %d link(s); SIGHUP reloads, SIGTERM stops", links)
             while not self._stop.is_set():
                 reload_wait = asyncio.create_task(self._reload.wait())
                 stop_wait = asyncio.create_task(self._stop.wait())
@@ -115,8 +112,9 @@ class Daemon:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     log.info("SIGHUP: reloading %s", self.config_path)
-                    await self.reload(ipr)
-            if self.config.stop_removes_datapath:
+                    await self.reload()
+            await self.coordinator.stop()
+            if self.coordinator.config.stop_removes_datapath:
                 await self.datapath.remove(ipr)
                 log.info("stopped; datapath removed (stop_removes_datapath)")
             else:

@@ -28,6 +28,13 @@ class ApplyReport:
     sysctls: tuple[str, ...]
     failed_commands: int
 
+    def describe(self) -> str:
+        r = self.routing
+        return (
+            f"netfilter: {self.netfilter}; routes +{r.routes_added}/-{r.routes_removed}; "
+            f"rules +{r.rules_added}/-{r.rules_removed}; sysctls changed: {len(self.sysctls)}"
+        )
+
     @property
     def changed(self) -> bool:
         return bool(self.netfilter is not ApplyKind.NONE or self.routing.total or self.sysctls)

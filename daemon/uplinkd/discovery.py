@@ -180,7 +180,7 @@ def _address_info(msg: Any) -> AddressInfo | None:
     )
 
 
-def _route_infos(msg: Any) -> list[tuple[int, RouteInfo]]:
+def route_infos(msg: Any) -> list[tuple[int, RouteInfo]]:
     """(output ifindex, route) per next hop of a unicast route; a multipath route gives several."""
     if msg["type"] != 1:  # RTN_UNICAST
         return []
@@ -220,7 +220,7 @@ async def read_devices(ipr: AsyncIPRoute, names: Iterable[str]) -> dict[str, Dev
             addresses[index].append(info)
     routes: dict[int, list[RouteInfo]] = {index: [] for index in by_index}
     async for msg in await ipr.route("dump", family=socket.AF_INET):
-        for index, route in _route_infos(msg):
+        for index, route in route_infos(msg):
             if index in by_index:
                 routes[index].append(route)
     return {

@@ -130,6 +130,19 @@ class Firewall:
 
 
 @dataclass(frozen=True)
+class MailSettings:
+    """[mail]: how state-change alerts reach each link's warn_email (see notify.py)."""
+
+    smtp_server: str = ""  # "host" or "host:port" (25; 465 is implicit TLS); "": local sendmail
+    sender: str = ""  # "": uplinkd@<hostname>
+    starttls: bool = False
+    username: str = ""  # with password: SMTP login (after STARTTLS when starttls is set)
+    password: str = ""
+    max_per_hour: int = 10  # per link; later changes are counted and summarized in the next mail
+    timeout_s: float = 10.0  # each SMTP connect, read and write; a whole sendmail run
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     format: str  # "toml" | "balance.conf"
@@ -139,6 +152,7 @@ class Config:
     default: Rule = field(default_factory=lambda: Rule(name="default", method=Method.WEIGHTED))
     forwards: tuple[PortForward, ...] = ()
     firewall: Firewall = field(default_factory=Firewall)
+    mail: MailSettings = field(default_factory=MailSettings)
     mark_mask: int = const.DEFAULT_MARK_MASK
     table_base: int = const.DEFAULT_TABLE_BASE
     rule_priority: int = const.DEFAULT_RULE_PRIORITY

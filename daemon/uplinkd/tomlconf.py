@@ -23,6 +23,7 @@ from .model import (
     HashBy,
     LanConfig,
     LinkConfig,
+    MailSettings,
     Match,
     Method,
     Monitor,
@@ -33,6 +34,7 @@ from .model import (
 )
 from .validate import (
     BACKENDS,
+    MAIL_KEYS,
     MONITOR_KEYS,
     MONITOR_LIMITS,
     At,
@@ -41,6 +43,7 @@ from .validate import (
     check_forward,
     check_kernel,
     check_link,
+    check_mail,
     check_monitor,
     check_name,
     check_range,
@@ -68,6 +71,7 @@ ROOT_KEYS = (
     "firewall",
     "kernel",
     "daemon",
+    "mail",
 )
 
 
@@ -272,6 +276,7 @@ class _TomlReader:
             default=self.rule(default, names),
             forwards=forwards,
             firewall=self.firewall(self.sub(root, "firewall"), names, [lan.name for lan in lans]),
+            mail=self.mail(self.sub(root, "mail")),
             mark_mask=mask,
             table_base=base,
             rule_priority=priority,
@@ -289,6 +294,22 @@ class _TomlReader:
         monitor = replace(base, **changes)
         check_monitor(monitor, self.at_fn(table))
         return monitor
+
+    def mail(self, table: _Table) -> MailSettings:
+        self.allow(table, *MAIL_KEYS)
+        timeout = self.get(table, "timeout_s", (int, float), "a number of seconds")
+        defaults = MailSettings()
+        mail = MailSettings(
+            smtp_server=self.text(table, "smtp_server", defaults.smtp_server),
+            sender=self.text(table, "sender", defaults.sender),
+            starttls=self.flag(table, "starttls", default=defaults.starttls),
+            username=self.text(table, "username", defaults.username),
+            password=self.text(table, "password", defaults.password),
+            max_per_hour=self.integer(table, "max_per_hour", defaults.max_per_hour),
+            timeout_s=float(timeout) if isinstance(timeout, int | float) else defaults.timeout_s,
+        )
+        check_mail(mail, self.at_fn(table))
+        return mail
 
     def link(self, table: _Table, monitor: Monitor) -> LinkConfig:
         self.allow(table, *_LINK_KEYS, *_LINK_KEYS_MORE)

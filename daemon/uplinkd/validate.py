@@ -21,6 +21,7 @@ from .model import (
     Config,
     HashBy,
     LinkConfig,
+    MailSettings,
     Method,
     Monitor,
     PortForward,
@@ -42,6 +43,9 @@ MONITOR_LIMITS: Mapping[str, tuple[int, int | None]] = {
     "min_successive_pkts_rcvd": (1, None),
     "long_down_time": (0, None),
 }
+MAIL_KEYS = tuple(f.name for f in fields(MailSettings))
+SMTP_PORT = 25
+SMTPS_PORT = 465  # TLS from the first byte, so STARTTLS does not apply
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _DEVICE = re.compile(r"[^\s/]{1,15}")  # the kernel's IFNAMSIZ; ':' allowed for alias labels
 _MAIN_RULE_PRIORITY = 32766  # the kernel's "lookup main" rule; uplinkd's rules must come first
@@ -142,6 +146,15 @@ def parse_forward_target(text: str, at: At) -> tuple[ipaddress.IPv4Address, int 
     return address, int(port)
 
 
+def parse_smtp_server(text: str, at: At) -> tuple[str, int]:
+    """A mail server: "host", "host:port", "[IPv6]" or "[IPv6]:port"; port 25 by default."""
+    found = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]]+))(?::(\d{1,5}))?", text)
+    port = int(found.group(3) or SMTP_PORT) if found else 0
+    if not found or not 1 <= port <= 65535:
+        raise at.error(f'\'{text}\' is not a mail server like "mail.example.net" or "host:587"')
+    return found.group(1) or found.group(2), port
+
+
 def parse_method(text: str, at: At) -> Method:
     try:
         method = Method(text)
@@ -198,6 +211,24 @@ def check_monitor(monitor: Monitor, at: AtFn) -> None:
             f"must be greater than min_packet_loss ({monitor.min_packet_loss}), "
             "or the link would flap between up and down"
         )
+
+
+def check_mail(mail: MailSettings, at: AtFn) -> None:
+    port = parse_smtp_server(mail.smtp_server, at("smtp_server"))[1] if mail.smtp_server else 0
+    if mail.starttls and port == SMTPS_PORT:
+        raise at("starttls").error("port 465 is TLS from the start; set starttls = false")
+    if mail.starttls and not mail.smtp_server:
+        raise at("starttls").error("applies only with smtp_server (sendmail has its own settings)")
+    if mail.sender and not re.fullmatch(r"[^\s@<>,]+@[^\s@<>,]+", mail.sender):
+        raise at("sender").error(f"'{mail.sender}' is not a mail address like uplinkd@example.net")
+    for key, other in (("username", "password"), ("password", "username")):
+        if getattr(mail, key) and not getattr(mail, other):
+            raise at(key).error(f"needs {other} too (SMTP login)")
+    if (mail.username or mail.password) and not mail.smtp_server:
+        raise at("username").error("applies only with smtp_server")
+    check_range(mail.max_per_hour, 1, None, at("max_per_hour"))
+    if not 0 < mail.timeout_s <= 300:
+        raise at("timeout_s").error(f"{mail.timeout_s} is out of range; it must be > 0 and <= 300")
 
 
 def check_link(link: LinkConfig, at: AtFn) -> None:
@@ -316,6 +347,7 @@ def validate(config: Config) -> None:
     lans = [lan.name for lan in config.lans]
     for group in config.firewall.forwarding_groups:
         expand_group(group, links, lans, line_at(path, 0, "firewall"))
+    check_mail(config.mail, line_at(path, 0, "mail"))
     kernel = line_at(path, 0, "kernel")
     check_kernel(config.mark_mask, config.table_base, config.rule_priority, len(links), kernel)
     if config.backend not in BACKENDS:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +38,72 @@ needs_root = pytest.mark.skipif(
 )
 
 
+class LogReader:
+    """Collects a process's stderr in a thread so a test can wait for a line, bounded."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 15.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: needle in self.text, timeout)
+
+
+class Daemon:
+    """A running `uplinkd` daemon process and its log."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.log = LogReader(proc)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, number: int) -> None:
+        self.proc.send_signal(number)
+
+    def stop(self, number: int = signal.SIGTERM) -> None:
+        if self.running:
+            self.proc.send_signal(number)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass (a bound, not a benchmark)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 class Uplinkd:
     """Runs the uplinkd command line inside the lab's router namespace."""
 
     def __init__(self, lab: Lab, workdir: Path) -> None:
         self.lab = lab
         self.workdir = workdir
+        self.daemons: list[Daemon] = []
 
     def write_config(self, text: str, name: str = "uplinkd.toml") -> Path:
         path = self.workdir / name
@@ -55,6 +118,19 @@ class Uplinkd:
                 f"uplinkd {' '.join(argv)} exited {result.returncode}:\n{result.stderr}"
             )
         return result
+
+    def start(self, config: Path, *argv: str, ready: str | None = "applied generation") -> Daemon:
+        """The daemon in the router namespace; waits (bounded) until it applied."""
+        cmd = ["ip", "netns", "exec", self.lab.ns_router, sys.executable, "-m", "uplinkd.cli"]
+        proc = subprocess.Popen(
+            [*cmd, "--config", str(config), *argv], stderr=subprocess.PIPE, text=True
+        )
+        daemon = Daemon(proc)
+        self.daemons.append(daemon)
+        if ready is not None and not daemon.log.wait_for(ready):
+            daemon.stop()
+            raise AssertionError(f"uplinkd did not get ready:\n{daemon.log.text}")
+        return daemon
 
     def kernel_state(self) -> str:
         """Everything uplinkd could have touched, as text to compare before/after."""
@@ -80,6 +156,8 @@ def lab2() -> Iterator[Lab]:
 def uplinkd(lab2: Lab, tmp_path: Path) -> Iterator[Uplinkd]:
     runner = Uplinkd(lab2, tmp_path)
     yield runner
+    for daemon in runner.daemons:
+        daemon.stop()
     subprocess.run(
         ["ip", "netns", "exec", lab2.ns_router, sys.executable, "-m", "uplinkd.cli", "--stop"],
         check=False,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 from uplinkd.lab import INET_HOST, Lab
@@ -165,54 +162,27 @@ def test_daemon_reload_keeps_running_configuration_when_new_one_is_bad(
     lab2: Lab, uplinkd: Uplinkd
 ) -> None:
     config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
-    cmd = ["ip", "netns", "exec", lab2.ns_router, sys.executable, "-m", "uplinkd.cli"]
-    daemon = subprocess.Popen([*cmd, "--config", str(config)], stderr=subprocess.PIPE, text=True)
-    log = LogReader(daemon)
+    daemon = uplinkd.start(config)
+    log = daemon.log
     try:
         assert log.wait_for("applied generation 1"), log.text
         running = uplinkd.kernel_state()
         config.write_text("[[link]\n")
-        daemon.send_signal(signal.SIGHUP)
+        daemon.send(signal.SIGHUP)
         assert log.wait_for("reload refused, keeping the running configuration"), log.text
         assert str(config) in log.text
-        assert daemon.poll() is None
+        assert daemon.running
         assert uplinkd.kernel_state() == running
         result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 100)
         assert result.failed == 0
 
         config.write_text(TWO_LINKS.format(w1=1, w2=1))  # a good reload is applied
-        daemon.send_signal(signal.SIGHUP)
+        daemon.send(signal.SIGHUP)
         assert log.wait_for("applied generation 2"), log.text
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
+        daemon.stop()
     assert log.wait_for("datapath left in place"), log.text
     assert "table inet uplinkd" in uplinkd.kernel_state()  # traffic keeps flowing after SIGTERM
-
-
-class LogReader:
-    """Collects a process's stderr in a thread so a test can wait for a line, bounded."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, needle: str, timeout: float = 15.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: needle in self.text, timeout)
 
 
 def test_link_without_ipv4_address_is_left_out_with_a_warning(lab2: Lab, uplinkd: Uplinkd) -> None:

@@ -13,6 +13,7 @@ from uplinkd.model import (
     Config,
     HashBy,
     LinkConfig,
+    MailSettings,
     Match,
     Method,
     Nat,
@@ -81,6 +82,7 @@ def test_example_file_parses() -> None:
     assert loaded.firewall.forwarding_groups == (("LAN", "DSL", "LTE"),)
     assert not loaded.firewall.enabled
     assert loaded.mark_mask == 0xFF00
+    assert loaded.mail == MailSettings()  # smtp_server and the rest are commented out
 
 
 def test_defaults() -> None:
@@ -92,6 +94,7 @@ def test_defaults() -> None:
     assert loaded.default == Rule("default", Method.WEIGHTED)
     assert not loaded.firewall.enabled
     assert loaded.backend == "nftables"
+    assert loaded.mail == MailSettings()  # "" smtp_server: the local sendmail
 
 
 def test_values_are_parsed() -> None:
@@ -442,6 +445,44 @@ def test_kernel_numbers() -> None:
         "true or false",
     )
     refused("", 1, "backend", "'nftables', 'iptables'", base='backend = "pf"\n' + BASE)
+
+
+def test_mail_settings() -> None:
+    loaded = parse(
+        "[mail]\n"
+        'smtp_server = "mail.example.net:587"\n'
+        'sender = "router@example.net"\n'
+        "starttls = true\n"
+        'username = "router"\n'
+        'password = "secret"\n'
+        "max_per_hour = 4\n"
+        "timeout_s = 2.5\n"
+    )
+    assert loaded.mail == MailSettings(
+        "mail.example.net:587", "router@example.net", True, "router", "secret", 4, 2.5
+    )
+    assert parse('[mail]\nsmtp_server = "[2001:db8::25]"\n').mail.smtp_server == "[2001:db8::25]"
+
+
+@pytest.mark.parametrize(
+    ("mail", "line", "key", "fragment"),
+    [
+        ('smtp_server = "mail:99999"', 12, "mail.smtp_server", "is not a mail server like"),
+        ('smtp_server = "mail example"', 12, "mail.smtp_server", "is not a mail server like"),
+        ('smtp_server = "mx:465"\nstarttls = true', 13, "mail.starttls", "TLS from the start"),
+        ("starttls = true", 12, "mail.starttls", "applies only with smtp_server"),
+        ('sender = "uplinkd"', 12, "mail.sender", "is not a mail address"),
+        ('smtp_server = "mx"\nusername = "u"', 13, "mail.username", "needs password too"),
+        ('username = "u"\npassword = "p"', 12, "mail.username", "applies only with smtp_server"),
+        ("max_per_hour = 0", 12, "mail.max_per_hour", "at least 1"),
+        ("timeout_s = 0", 12, "mail.timeout_s", "must be > 0 and <= 300"),
+        ('timeout_s = "10s"', 12, "mail.timeout_s", "a number of seconds"),
+        ("starttls = 1", 12, "mail.starttls", "true or false"),
+        ("relay = true", 12, "mail.relay", "unknown key 'relay' in [mail]"),
+    ],
+)
+def test_bad_mail_settings(mail: str, line: int, key: str, fragment: str) -> None:
+    refused(f"[mail]\n{mail}\n", line, key, fragment)
 
 
 def test_validate_checks_configs_built_in_code() -> None:

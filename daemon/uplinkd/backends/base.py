@@ -22,6 +22,7 @@ class AppliedState:
     structure: str  # digest of the structural part of the ruleset
     maps: dict[str, tuple[int, ...]] = field(default_factory=dict)  # map name -> per bucket link id
     link_names: dict[int, str] = field(default_factory=dict)  # link id -> name
+    up_links: frozenset[int] = frozenset()  # ids of the links that were up when it was applied
 
 
 class Backend(Protocol):

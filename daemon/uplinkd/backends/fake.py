@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..plan import Plan
 from .base import AppliedState, ApplyKind
-from .nftables import map_targets, structure_digest
+from .nftables import map_targets, structure_digest, up_link_ids
 
 
 class FakeBackend:
@@ -28,7 +28,10 @@ class FakeBackend:
 
     def apply(self, plan: Plan) -> ApplyKind:
         wanted = AppliedState(
-            structure_digest(plan), map_targets(plan), {link.id: link.name for link in plan.links}
+            structure_digest(plan),
+            map_targets(plan),
+            {link.id: link.name for link in plan.links},
+            up_link_ids(plan),
         )
         if self.state is None or self.state.structure != wanted.structure:
             kind = ApplyKind.FULL

@@ -283,12 +283,21 @@ def _table_text(plan: Plan) -> str:
     return f"table {TABLE} {{\n{state}{_table_body(plan)}\n}}\n"
 
 
-def _element_commands(dispatches: Iterable[Dispatch], *, flush: bool) -> str:
+def up_link_ids(plan: Plan) -> frozenset[int]:
+    return frozenset(link.id for link in plan.links if link.up)
+
+
+def _element_commands(plan: Plan, dispatches: Iterable[Dispatch], *, flush: bool) -> str:
+    """Map contents, and the ids of the links up, kept in the state set for a restart to adopt."""
     lines = []
     for dispatch in dispatches:
         if flush:
             lines.append(f"flush map {TABLE} {dispatch.name}")
         lines.append(f"add element {TABLE} {dispatch.name} {{ {_elements(dispatch)} }}")
+    if flush:
+        lines.append(f"flush set {TABLE} {_STATE_SET}")
+    if up := sorted(up_link_ids(plan)):
+        lines.append(f"add element {TABLE} {_STATE_SET} {{ {', '.join(map(str, up))} }}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -300,7 +309,7 @@ def render(plan: Plan) -> str:
         "# replaces it); other tables are not touched.\n"
         f"table {TABLE}\ndelete table {TABLE}\n"
         + _table_text(plan)
-        + _element_commands(plan.dispatches, flush=False)
+        + _element_commands(plan, plan.dispatches, flush=False)
         + _hook_text(plan.nft_hook_lines)
     )
 
@@ -346,10 +355,12 @@ class NftablesBackend:
         structure = ""
         maps: dict[str, tuple[int, ...]] = {}
         names: dict[int, str] = {}
+        up: frozenset[int] = frozenset()
         for item in items:
             nft_set = item.get("set", {})
             if nft_set.get("name") == _STATE_SET:
                 structure = nft_set.get("comment", "").removeprefix(_DIGEST_PREFIX)
+                up = frozenset(int(element) for element in nft_set.get("elem", []))
             elif nft_set.get("name", "").startswith(_NAME_SET_PREFIX):
                 names[int(nft_set["name"].removeprefix(_NAME_SET_PREFIX))] = nft_set.get(
                     "comment", ""
@@ -357,7 +368,7 @@ class NftablesBackend:
             nft_map = item.get("map")
             if nft_map and nft_map.get("map") == "verdict":
                 maps[nft_map["name"]] = _targets(nft_map.get("elem", []))
-        return AppliedState(structure, maps, names)
+        return AppliedState(structure, maps, names, up)
 
     def needs_rebuild(self, plan: Plan) -> bool:
         current = self.read_back()
@@ -373,9 +384,9 @@ class NftablesBackend:
             self._run(render(plan), plan)
             return ApplyKind.FULL
         changed = [d for d in plan.dispatches if current.maps.get(d.name) != d.targets]
-        if not changed:
+        if not changed and current.up_links == up_link_ids(plan):
             return ApplyKind.NONE
-        self._run(_element_commands(changed, flush=True), plan)
+        self._run(_element_commands(plan, changed, flush=True), plan)
         return ApplyKind.MAPS
 
     def _run(self, commands: str, plan: Plan, *, check_only: bool = False) -> None:

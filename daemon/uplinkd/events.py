@@ -1,0 +1,297 @@
+"""Event hooks: executables in up.d/, down.d/ and long_down.d/ beside the configuration.
+
+They succeed foolsm's eventscript, through which Net-ISP-Balance ran its lsm event script. When a
+link changes into up, down or long_down, the executables of that directory run one after another
+in name order, skipping editor backups (`~`, `.bak`) and dot files. As for the other hook files
+(hooks.py), only root-owned files that group and others cannot write are used.
+
+Each gets foolsm's sixteen arguments, in the order of decide() in foolsm.c (named in its
+default_script):
+    state name checkip device warn_email replied waiting timeout reply_late
+    cons_rcvd cons_wait cons_miss avg_rtt srcip prevstate timestamp
+with avg_rtt in microseconds and timestamp in seconds since the epoch (for long_down: when the
+link went down, as foolsm passed it), plus UPLINKD_* environment variables. A hook runs with
+stdin closed, its output goes to the log, and it is killed at the timeout: hooks run beside the
+daemon's loop and never hold it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from . import const, hooks
+
+if TYPE_CHECKING:
+    from .link import LinkStats, Transition
+
+log = logging.getLogger(__name__)
+
+# The directory of hooks for a change into each state.
+EVENT_DIRS: Final = {"up": "up.d", "down": "down.d", "long_down": "long_down.d"}
+# Hook output kept for the log; enough for an error message, not for a runaway loop's output.
+OUTPUT_LIMIT: Final = 2000
+# foolsm's names where uplinkd's differ: a link not yet decided was "unknown" to foolsm.
+_FOOLSM_STATES: Final = {"init": "unknown"}
+
+
+@dataclass(frozen=True)
+class ProbeCounters:
+    """foolsm's counters over the recent probes of the check ip, in its argument order (from
+    from_transition: uplinkd's window; cons_rcvd and cons_miss count the link's rounds in a row)."""
+
+    replied: int = 0
+    waiting: int = 0
+    timeout: int = 0
+    reply_late: int = 0
+    cons_rcvd: int = 0
+    cons_wait: int = 0
+    cons_miss: int = 0
+    avg_rtt_us: int = 0
+
+
+@dataclass(frozen=True)
+class TargetFigures:
+    address: str
+    loss_percent: float
+    latency_ms: float | None = None  # None: no reply to measure
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """A transition with the link's facts and figures at that moment: what hooks and mails get."""
+
+    transition: Transition
+    device: str
+    check_ip: str = ""  # the first probe target
+    source_ip: str = ""
+    warn_email: str = ""
+    loss_percent: float = 0.0
+    latency_ms: float | None = None
+    counters: ProbeCounters = field(default_factory=ProbeCounters)
+    targets: tuple[TargetFigures, ...] = ()
+    wall_time: float = field(default_factory=time.time)
+    down_since: float | None = None  # wall clock time the link went down (for long_down)
+
+    @classmethod
+    def from_transition(
+        cls,
+        transition: Transition,
+        *,
+        device: str,
+        source: str = "",
+        warn_email: str = "",
+        stats: LinkStats | None = None,
+        down_since: float | None = None,
+    ) -> LinkEvent:
+        """The event for a transition, with foolsm's figures taken from the link's statistics."""
+        if stats is None:
+            return cls(transition, device, "", source, warn_email, down_since=down_since)
+        first = stats.targets[0] if stats.targets else None
+        rtt = first.latency_ms if first else None
+        counters = ProbeCounters(
+            replied=first.received if first else 0,
+            timeout=first.sent - first.received if first else 0,
+            cons_rcvd=stats.consecutive_received,
+            cons_miss=stats.consecutive_lost,
+            avg_rtt_us=round(rtt * 1000) if rtt is not None else 0,
+        )
+        return cls(
+            transition,
+            device,
+            check_ip=first.target if first else "",
+            source_ip=source,
+            warn_email=warn_email,
+            loss_percent=stats.loss_percent,
+            latency_ms=stats.latency_ms,
+            counters=counters,
+            targets=tuple(
+                TargetFigures(t.target, t.loss_percent, t.latency_ms) for t in stats.targets
+            ),
+            down_since=down_since,
+        )
+
+    @property
+    def link(self) -> str:
+        return self.transition.link
+
+    @property
+    def old(self) -> str:
+        return str(self.transition.old)
+
+    @property
+    def new(self) -> str:
+        return str(self.transition.new)
+
+    @property
+    def reason(self) -> str:
+        return self.transition.reason
+
+
+def foolsm_state(state: str) -> str:
+    return _FOOLSM_STATES.get(state, state)
+
+
+def foolsm_arguments(event: LinkEvent) -> list[str]:
+    """The arguments foolsm gave its event scripts, in its order."""
+    since = event.down_since if event.new == "long_down" else None
+    return [
+        foolsm_state(event.new),
+        event.link,
+        event.check_ip,
+        event.device,
+        event.warn_email,
+        *(str(number) for number in astuple(event.counters)),
+        event.source_ip,
+        foolsm_state(event.old),
+        str(int(since if since is not None else event.wall_time)),
+    ]
+
+
+def hook_environment(event: LinkEvent) -> dict[str, str]:
+    latency = f"{round(event.latency_ms, 3):g}" if event.latency_ms is not None else ""
+    return {
+        **os.environ,
+        "UPLINKD_STATE": event.new,
+        "UPLINKD_LINK": event.link,
+        "UPLINKD_PREVSTATE": event.old,
+        "UPLINKD_DEVICE": event.device,
+        "UPLINKD_REASON": event.reason,
+        "UPLINKD_LOSS_PERCENT": f"{event.loss_percent:g}",
+        "UPLINKD_LATENCY_MS": latency,
+    }
+
+
+class Background:
+    """Tasks beside the daemon's loop: kept referenced, their errors logged, drained at stop."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def start(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run work after the earlier work of the same key (a link: its events stay in order)."""
+        task = asyncio.get_running_loop().create_task(self._in_turn(key, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    async def _in_turn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                await work
+        finally:
+            work.close()  # work cancelled before its turn never started; closing it says so
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("background task failed: %s", error, exc_info=error)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for the running work; cancel what is left after timeout. True: all finished."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        return not pending
+
+
+class EventHooks:
+    def __init__(self, root: Path, timeout_s: float = const.HOOK_COMMAND_TIMEOUT_S) -> None:
+        self.root = root
+        self.timeout_s = timeout_s
+        self._background = Background()
+        self._refusals_logged: set[str] = set()
+
+    def fire(self, event: LinkEvent) -> None:
+        """Run the hooks of the event's new state in the background; returns at once."""
+        directory = EVENT_DIRS.get(event.new)
+        if directory is not None:
+            self._background.start(event.link, self._run_all(self.root / directory, event))
+
+    async def drain(self, timeout: float) -> bool:
+        return await self._background.drain(timeout)
+
+    def executables(self, directory: Path) -> list[Path]:
+        """The hooks to run from directory in name order; refusals are logged once per run."""
+        if not directory.is_dir():
+            return []
+        usable: list[Path] = []
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") or path.name.endswith(("~", ".bak")):
+                continue
+            if not path.is_file():
+                continue
+            reason = hooks.refusal(path)
+            if reason is None and not os.access(path, os.X_OK):
+                reason = f"{path}: refused: not executable"
+            if reason is None:
+                usable.append(path)
+            elif reason not in self._refusals_logged:
+                self._refusals_logged.add(reason)
+                log.warning("%s", reason)
+        return usable
+
+    async def _run_all(self, directory: Path, event: LinkEvent) -> None:
+        for path in self.executables(directory):
+            await self._run(path, event)
+
+    async def _run(self, path: Path, event: LinkEvent) -> None:
+        what = f"{path}: link {event.link} {event.old} -> {event.new}"
+        try:
+            process = await asyncio.create_subprocess_exec(
+                str(path),
+                *foolsm_arguments(event),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=hook_environment(event),
+                start_new_session=True,  # its own process group, killed whole at the timeout
+            )
+        except OSError as error:
+            log.error("%s: cannot run: %s", what, error.strerror or error)
+            return
+        try:
+            output = await asyncio.wait_for(read_output(process), self.timeout_s)
+        except TimeoutError:
+            await kill_group(process)
+            log.error("%s: killed after %g s", what, self.timeout_s)
+            return
+        except asyncio.CancelledError:
+            await kill_group(process)
+            log.warning("%s: killed at shutdown", what)
+            raise
+        shown = f": {output}" if output else ""
+        if process.returncode == 0:
+            log.info("%s: done%s", what, shown)
+        else:
+            log.warning("%s: exit %s%s", what, process.returncode, shown)
+
+
+async def read_output(process: asyncio.subprocess.Process) -> str:
+    """A process's output on one line, cut at OUTPUT_LIMIT bytes; waits for it to end."""
+    kept, dropped = b"", 0
+    while process.stdout is not None and (chunk := await process.stdout.read(65536)):
+        room = max(0, OUTPUT_LIMIT - len(kept))
+        kept, dropped = kept + chunk[:room], dropped + len(chunk[room:])
+    await process.wait()
+    text = " | ".join(line for line in kept.decode(errors="replace").splitlines() if line.strip())
+    return text + (f" ... ({dropped} more bytes)" if dropped else "")
+
+
+async def kill_group(process: asyncio.subprocess.Process) -> None:
+    """Kill a process started with start_new_session=True, and whatever it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await process.wait()
