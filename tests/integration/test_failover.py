@@ -6,6 +6,7 @@ benchmarks in tests/bench/.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -290,3 +291,104 @@ def test_sigterm_keeps_the_datapath_by_default(monitored: tuple[Lab, Uplinkd, Pa
     daemon.stop()
     assert daemon.log.wait_for("datapath removed")
     assert "uplinkd" not in uplinkd.kernel_state()
+
+
+SMTP_SERVER = """
+import asyncio, email, json, sys
+from aiosmtpd.controller import Controller
+
+class Keep:
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.content)
+        record = {"to": envelope.rcpt_tos, "subject": message["Subject"],
+                  "body": message.get_payload(decode=True).decode()}
+        print(json.dumps(record), flush=True)
+        return "250 OK"
+
+controller = Controller(Keep(), hostname="127.0.0.1", port=int(sys.argv[1]))
+controller.start()
+print("ready", flush=True)
+sys.stdin.read()
+controller.stop()
+"""
+
+HOOK = """#!/bin/sh
+echo "$@" >> {out}
+echo "UPLINKD_REASON=$UPLINKD_REASON" >> {out}
+"""
+
+
+def test_state_change_runs_event_hooks_and_mails_the_admin(
+    monitored: tuple[Lab, Uplinkd, Path],
+) -> None:
+    lab, uplinkd, _ = monitored
+    text = MONITORED.format(extra_target="").replace(
+        "timeout_ms = 300", 'timeout_ms = 300\nwarn_email = "noc@example.net"'
+    )
+    config = uplinkd.write_config(text + '\n[mail]\nsmtp_server = "127.0.0.1:8025"\n')
+    out = uplinkd.workdir / "hook.out"
+    for state in ("down.d", "up.d"):
+        hook = uplinkd.workdir / state / "10-record"
+        hook.parent.mkdir()
+        hook.write_text(HOOK.format(out=out))
+        hook.chmod(0o755)
+    smtp = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns_router, sys.executable, "-c", SMTP_SERVER, "8025"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert smtp.stdout is not None
+        assert smtp.stdout.readline().strip() == "ready"
+        daemon = start(uplinkd, config)
+        lab.set_link(1, up=False)
+        assert daemon.log.wait_for("link ISP1: up -> down: carrier lost", 5)
+        mail = json.loads(smtp.stdout.readline())  # bounded by the daemon's SMTP timeout
+        assert wait_until(lambda: out.exists() and "down ISP1" in out.read_text(), 10)
+    finally:
+        lab.set_link(1, up=True)
+        smtp.kill()
+        smtp.wait()
+    assert mail["to"] == ["noc@example.net"]
+    assert mail["subject"] == "uplinkd: link ISP1 is down"
+    assert "carrier lost" in mail["body"]
+    assert "up" in mail["body"] and "loss" in mail["body"].lower()
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("up ISP1 ")  # up.d ran when the probes first found ISP1 up
+    args = next(line for line in lines if line.startswith("down ")).split()
+    # foolsm's order: state name checkip device warn_email ... srcip prevstate timestamp
+    assert args[:5] == ["down", "ISP1", "203.0.113.10", "wan1", "noc@example.net"]
+    assert args[-3:-1] == ["10.0.1.2", "up"]
+    assert "UPLINKD_REASON=carrier lost" in out.read_text()
+
+
+def test_address_and_gateway_changes_are_applied(monitored: tuple[Lab, Uplinkd, Path]) -> None:
+    lab, uplinkd, config = monitored
+    router, isp1 = lab.ns_router, lab.ns_isp(1)
+    daemon = start(uplinkd, config)
+
+    def rules() -> str:
+        return lab.run(router, "ip", "rule", "show").stdout
+
+    def table_201() -> str:
+        return lab.run(router, "ip", "route", "show", "table", "201").stdout
+
+    assert "from 10.0.1.2 lookup 201" in rules()
+    try:
+        # A DHCP renew hands out another address (the client drops the old one first: deleting
+        # a primary address also deletes the secondaries on the device)...
+        lab.run(router, "ip", "addr", "del", "10.0.1.2/24", "dev", "wan1")
+        lab.run(router, "ip", "addr", "add", "10.0.1.3/24", "dev", "wan1")
+        assert wait_until(lambda: "from 10.0.1.3 lookup 201" in rules(), 5), daemon.log.text
+        assert "from 10.0.1.2 " not in rules()
+        # ...and another gateway, put in the main table by the DHCP client.
+        lab.run(isp1, "ip", "addr", "add", "10.0.1.254/24", "dev", "down")
+        lab.run(router, "ip", "route", "add", "default", "via", "10.0.1.254", "dev", "wan1")
+        assert wait_until(lambda: "default via 10.0.1.254 dev wan1" in table_201(), 5)
+        assert wait_until(lambda: both_used(lab), 15), daemon.log.text
+    finally:
+        lab.run(router, "ip", "route", "del", "default", "via", "10.0.1.254", check=False)
+        lab.run(isp1, "ip", "addr", "del", "10.0.1.254/24", "dev", "down", check=False)
+        lab.run(router, "ip", "addr", "add", "10.0.1.2/24", "dev", "wan1", check=False)
+        lab.run(router, "ip", "addr", "del", "10.0.1.3/24", "dev", "wan1", check=False)
