@@ -42,7 +42,7 @@ class Monitor:
     """Link monitoring settings: foolsm's names and meanings, uplinkd's faster defaults."""
 
     interval_ms: int = 200  # foolsm: 1000
-    timeout_ms: int = 500  # foolsm: 1000
+    timeout_ms: int = 300  # foolsm: 1000; rounds overlap, so this does not slow the cadence
     max_packet_loss: int = 20  # percent of the window; foolsm: 15
     max_successive_pkts_lost: int = 3  # foolsm: 7
     min_packet_loss: int = 10  # percent; foolsm: 5
