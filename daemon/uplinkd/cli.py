@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
 
-from . import __version__, const, routing
+from . import __version__, const
 from .backends import get_backend
 from .daemon import Daemon, load_config, prepare
 from .datapath import Datapath
@@ -67,34 +67,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def dry_run_text(nft: str, ip_batch: str, sysctls: Sequence[tuple[str, str]], part: str) -> str:
-    if part == "nft":
-        return nft
-    if part == "ip":
-        return ip_batch
-    settings = "".join(f"#   {key.replace('/', '.')} = {value}\n" for key, value in sysctls)
-    return (
-        "# ===== nftables: feed to `nft -f` (or: uplinkd -d --part nft | nft -f -) =====\n"
-        + nft
-        + "\n# ===== policy routing: feed to `ip -batch` "
-        "(or: uplinkd -d --part ip | ip -batch -) =====\n"
-        + ip_batch
-        + ("\n# ===== sysctls uplinkd sets =====\n" + settings if settings else "")
-    )
-
-
 async def _dry_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.services)
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
-    backend = get_backend(config.backend)
-    text = dry_run_text(
-        backend.render(prepared.plan),
-        routing.render_ip_batch(prepared.plan),
-        prepared.plan.sysctls,
-        args.part,
-    )
-    sys.stdout.write(text)
+    sys.stdout.write(Datapath(get_backend(config.backend)).render(prepared.plan, args.part))
     return 0
 
 

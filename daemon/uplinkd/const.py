@@ -60,3 +60,5 @@ TICK_S: Final = 0.1
 SHUTDOWN_DRAIN_S: Final = 5.0
 # An event hook (up.d/, down.d/, long_down.d/) that runs longer is killed; foolsm had none.
 EVENT_HOOK_TIMEOUT_S: Final = 10.0
+# Interface counters are read this often for the links' traffic rates.
+RATE_SAMPLE_S: Final = 1.0

@@ -19,7 +19,7 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
-from . import conntrack, const, discovery, hooks, planner
+from . import __version__, conntrack, const, counters, discovery, hooks, planner
 from .datapath import ApplyReport, Datapath
 from .errors import UplinkdError
 from .events import EventHooks, LinkEvent
@@ -27,28 +27,18 @@ from .link import Link, LinkState, Transition
 from .model import Config, LinkConfig
 from .netlink import EventKind, NetEvent, NetlinkWatcher
 from .notify import Mailer
-from .plan import LinkFacts
+from .plan import LinkFacts, Plan
 from .probe import Prober, ProbeRound
+from .status import LinkStatus, Snapshot, overall
 
 log = logging.getLogger("uplinkd")
 
 TransitionListener = Callable[[Transition], None]
+PlanListener = Callable[[int], None]  # called with the new generation after an apply changed it
 
 
 class UnknownLinkError(UplinkdError):
     """A request named a link or device that the configuration does not have."""
-
-
-@dataclass
-class Status:
-    """What the coordinator knows of one link, for status output."""
-
-    name: str
-    device: str
-    state: LinkState
-    since: float
-    usable: bool
-    facts: LinkFacts | None
 
 
 @dataclass
@@ -90,6 +80,9 @@ class Coordinator:
         self.generation = 0
         self.applies = 0
         self.listeners: list[TransitionListener] = []
+        self.plan_listeners: list[PlanListener] = []
+        self.plan: Plan | None = None  # the last plan applied
+        self.rates = counters.RateMeter()
         self._pending = _Pending()
         self._apply_task: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()
@@ -109,6 +102,7 @@ class Coordinator:
         self._watcher = NetlinkWatcher([link.device for link in self.config.links], self._on_net)
         self._spawn(self._watcher.run())
         self._spawn(self._ticker())
+        self._spawn(self._measure())
         self._start_probers()
         return report
 
@@ -282,6 +276,20 @@ class Coordinator:
             for link in list(self.links.values()):
                 self._handle(link.tick(now))
 
+    async def _measure(self) -> None:
+        """Sample the links' interface counters for their traffic rates."""
+        while True:
+            devices = {link.device for link in self.config.links}
+            try:
+                readings = await counters.read(self.ipr, devices)
+            except OSError as exc:
+                log.debug("reading interface counters failed: %s", exc)
+                readings = {}
+            now = self.clock()
+            for device, (rx, tx) in readings.items():
+                self.rates.sample(device, rx, tx, now)
+            await asyncio.sleep(const.RATE_SAMPLE_S)
+
     async def _refresh(self) -> None:
         """Re-read addresses and gateways; probers and the plan follow the new values."""
         before = dict(self.facts)
@@ -384,8 +392,11 @@ class Coordinator:
             plan = planner.plan(self.config, list(self.facts.values()), usable, found.extras)
             report = await self.datapath.apply(self.ipr, plan, found)
             self.applies += 1
+            self.plan = plan
             if report.changed:
                 self.generation += 1
+                for listener in self.plan_listeners:
+                    listener(self.generation)
             up = ", ".join(sorted(usable & set(self.facts))) or "none"
             log.info(
                 "applied generation %d, links in use: %s (%s)",
@@ -400,16 +411,57 @@ class Coordinator:
                     log.info("link %s: forgot %d tracked connections", name, count)
             return report
 
-    def status(self) -> list[Status]:
+    def snapshot(self) -> Snapshot:
+        """Everything a status display shows, as of now."""
         usable = self.usable()
-        return [
-            Status(
-                name=link_config.name,
-                device=link_config.device,
-                state=self.links[link_config.name].state,
-                since=self.links[link_config.name].since,
-                usable=link_config.name in usable,
-                facts=self.facts.get(link_config.name),
+        wall_offset = time.time() - self.clock()
+        shares = self._default_shares()
+        links = []
+        for link_config in self.config.links:
+            machine = self.links[link_config.name]
+            stats = machine.stats()
+            fact = self.facts.get(link_config.name)
+            rate = self.rates.rates.get(link_config.device, counters.Rate())
+            links.append(
+                LinkStatus(
+                    name=link_config.name,
+                    device=link_config.device,
+                    state=str(machine.state),
+                    since=machine.since + wall_offset,
+                    usable=link_config.name in usable,
+                    weight=link_config.weight,
+                    priority=link_config.priority,
+                    gateway=str(fact.gateway) if fact and fact.gateway else "",
+                    address=str(fact.address) if fact else "",
+                    latency_ms=-1.0 if stats.latency_ms is None else stats.latency_ms,
+                    loss_percent=stats.loss_percent,
+                    rx_bps=round(rate.rx_bps),
+                    tx_bps=round(rate.tx_bps),
+                    new_connection_share=shares.get(link_config.name, 0.0),
+                )
             )
-            for link_config in self.config.links
-        ]
+        return Snapshot(
+            version=__version__,
+            mode=str(self.config.default.method),
+            generation=self.generation,
+            overall=overall(tuple(links)),
+            links=tuple(links),
+        )
+
+    def _default_shares(self) -> dict[str, float]:
+        """Each link's share of the default rule's buckets in the applied plan."""
+        if self.plan is None:
+            return {}
+        names = {link.id: link.name for link in self.plan.links}
+        default = self.plan.dispatches[-1]
+        return {
+            names[link_id]: default.targets.count(link_id) / default.buckets
+            for link_id in set(default.targets)
+            if link_id in names
+        }
+
+    def dry_run(self) -> str:
+        """What the datapath holds or is about to: the last plan as nft and ip input."""
+        if self.plan is None:
+            return "# nothing applied yet\n"
+        return self.datapath.render(self.plan)

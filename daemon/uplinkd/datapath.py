@@ -70,6 +70,24 @@ class Datapath:
             failed = run_commands(hooks.commands, {"routes", "firewall", "post-run"})
         return ApplyReport(kind, routes, sysctls, failed)
 
+    def render(self, plan: Plan, part: str = "all") -> str:
+        """What applying the plan means, as `nft -f` and `ip -batch` input (part: all, nft, ip)."""
+        nft = self.backend.render(plan)
+        ip_batch = routing.render_ip_batch(plan)
+        if part == "nft":
+            return nft
+        if part == "ip":
+            return ip_batch
+        settings = "".join(f"#   {k.replace('/', '.')} = {v}\n" for k, v in plan.sysctls)
+        return (
+            "# ===== nftables: feed to `nft -f` (or: uplinkd -d --part nft | nft -f -) =====\n"
+            + nft
+            + "\n# ===== policy routing: feed to `ip -batch` "
+            "(or: uplinkd -d --part ip | ip -batch -) =====\n"
+            + ip_batch
+            + ("\n# ===== sysctls uplinkd sets =====\n" + settings if settings else "")
+        )
+
     async def remove(self, ipr: AsyncIPRoute) -> bool:
         had_rules = self.backend.remove()
         changes = await routing.remove_all(ipr)
