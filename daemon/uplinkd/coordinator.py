@@ -230,7 +230,9 @@ class Coordinator:
     def _on_round(self, probe_round: ProbeRound) -> None:
         link = self.links.get(probe_round.link)
         if link is not None:
-            self._handle(link.probe_round(probe_round.replies, probe_round.at))
+            # Rounds overlap and are reported in order, so completion times (`at`) may step
+            # back; the machines get the delivery time, which never does.
+            self._handle(link.probe_round(probe_round.replies, self.clock()))
 
     def _on_net(self, event: NetEvent) -> None:
         now = self.clock()

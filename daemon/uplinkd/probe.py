@@ -25,8 +25,9 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from icmplib import ICMPLibError, ICMPRequest, ICMPv4Socket
@@ -69,8 +70,21 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+@dataclass
+class _Round:
+    replies: dict[str, float | None]
+    deadline: float  # loop time: started + timeout
+    seqs: set[int] = field(default_factory=set)  # its echoes still awaited
+    at: float | None = None  # time.monotonic() when it completed; None while in flight
+
+
 class Prober:
-    """Probes one link's targets every interval; reports each round through a callback."""
+    """Probes one link's targets every interval; reports each round through a callback.
+
+    Rounds start on a fixed schedule (start + k * interval) whatever the timeout: several may be in
+    flight at once, each complete when all its targets answered or at its own deadline (its start
+    + timeout). They are reported in the order they started, so a round that completed early
+    waits for the earlier ones (which complete by their deadlines, no later than its own)."""
 
     def __init__(  # noqa: PLR0917 (the call shape the coordinator uses)
         self,
@@ -98,8 +112,8 @@ class Prober:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stale = False  # the socket no longer matches source/mark: re-create next round
-        self._pending: dict[int, tuple[str, float]] = {}  # sequence -> (target, sent at)
-        self._replies: dict[str, float | None] = {}
+        self._rounds: deque[_Round] = deque()  # in flight or waiting to be reported, oldest first
+        self._pending: dict[int, tuple[_Round, str, float]] = {}  # seq -> (round, target, sent)
         self._wait: asyncio.Future[None] | None = None  # what run() is waiting on
         self._running = False
         self._stopping = False
@@ -117,7 +131,8 @@ class Prober:
         source: str | None = None,
         mark: int | None = None,
     ) -> None:
-        """Address/gateway changed. Takes effect at the next round (the current one completes)."""
+        """Address/gateway changed. Takes effect at the next round (rounds in flight keep their
+        targets; a new source loses the replies they still wait for)."""
         if targets is not None:
             self._targets = _check_targets(targets)
         if source is not None:
@@ -129,7 +144,7 @@ class Prober:
             self._mark = mark
 
     def stop(self) -> None:
-        """Make run() return soon (without reporting the round in progress) and free the socket."""
+        """Make run() return soon (without reporting the rounds in flight) and free the socket."""
         self._stopping = True
         if self._wait is not None:
             _settle(self._wait)
@@ -137,35 +152,37 @@ class Prober:
             self._close()
 
     async def run(self) -> None:
-        """Loop until cancelled or stopped. Rounds start every interval on a fixed schedule; a
-        round that overruns it (timeout > interval) is followed by the next one at once."""
+        """Loop until cancelled or stopped. Slots of the schedule missed while the event loop was
+        blocked are skipped, not made up in a burst."""
         if self._running:
             raise RuntimeError(f"prober {self.link} is already running")
         loop = asyncio.get_running_loop()
         self._running, self._stopping, self._loop = True, False, loop
         try:
-            scheduled = loop.time()
+            start = loop.time()
+            slot = 0
             while not self._stopping:
-                try:
-                    result = await self._round(loop)
-                except Exception:  # a bug must not end the link's probing: count a lost round
-                    log.exception("%s: probe round failed", self.link)
-                    self._close()
-                    result = ProbeRound(self.link, dict.fromkeys(self._targets), time.monotonic())
-                if self._stopping:
-                    break
-                try:
-                    self._on_round(result)
-                except Exception:
-                    log.exception("%s: probe round handler failed", self.link)
-                scheduled = max(scheduled + self._interval, loop.time())
-                await self._wait_until(loop, scheduled)
+                now = loop.time()
+                if now >= start + slot * self._interval:
+                    self._start_round(loop, now)
+                    slot = max(slot + 1, int((now - start) / self._interval) + 1)
+                for rnd in self._rounds:  # deadlines grow with the rounds' start times
+                    if rnd.deadline > now:
+                        break
+                    self._complete(rnd)
+                self._report()
+                wake = start + slot * self._interval
+                if self._rounds and self._rounds[0].at is None:
+                    wake = min(wake, self._rounds[0].deadline)
+                await self._wait_until(loop, wake)
         finally:
             self._running = False
+            self._rounds.clear()
+            self._pending.clear()
             self._close()
 
     async def _wait_until(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        """Sleep until `when` (loop time), or until stop() or the last reply of a round."""
+        """Sleep until `when` (loop time), or until stop() or the oldest round completes."""
         if self._stopping:
             return
         fut: asyncio.Future[None] = loop.create_future()
@@ -177,31 +194,58 @@ class Prober:
             timer.cancel()
             self._wait = None
 
-    async def _round(self, loop: asyncio.AbstractEventLoop) -> ProbeRound:
-        deadline = loop.time() + self._timeout
-        targets = self._targets
-        self._replies = dict.fromkeys(targets)
-        self._pending.clear()
-        failed = False
-        icmp = self._ensure_socket(loop)
-        if icmp is not None:
-            for target in targets:
-                self._seq = (self._seq + 1) & 0xFFFF
-                self._pending[self._seq] = (target, time.monotonic())
-                try:
-                    icmp.send(ICMPRequest(target, self._ident, self._seq, payload=_PAYLOAD))
-                except (ICMPLibError, OSError) as err:
-                    del self._pending[self._seq]
-                    self._note_error(f"sending to {target} failed: {_cause(err)}")
-                    failed = True
-        if self._pending:
-            await self._wait_until(loop, deadline)
-        self._pending.clear()
-        if failed:  # re-create the socket next round: the error may have been its state
+    def _start_round(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        rnd = _Round(dict.fromkeys(self._targets), now + self._timeout)
+        self._rounds.append(rnd)
+        try:
+            self._send(rnd, loop)
+        except Exception:  # a bug must not end the link's probing: count a lost round
+            log.exception("%s: probe round failed", self.link)
             self._close()
-        elif self._icmp is not None:
+            self._complete(rnd)
+        if not rnd.seqs:  # nothing sent: lost at once, not at the deadline
+            self._complete(rnd)
+
+    def _send(self, rnd: _Round, loop: asyncio.AbstractEventLoop) -> None:
+        icmp = self._ensure_socket(loop)
+        if icmp is None:
+            return
+        failed = False
+        for target in rnd.replies:
+            self._seq = (self._seq + 1) & 0xFFFF
+            self._pending[self._seq] = (rnd, target, time.monotonic())
+            rnd.seqs.add(self._seq)
+            try:
+                icmp.send(ICMPRequest(target, self._ident, self._seq, payload=_PAYLOAD))
+            except (ICMPLibError, OSError) as err:
+                del self._pending[self._seq]
+                rnd.seqs.discard(self._seq)
+                self._note_error(f"sending to {target} failed: {_cause(err)}")
+                failed = True
+        if not failed:
             self._note_error("")
-        return ProbeRound(self.link, dict(self._replies), time.monotonic())
+        elif not self._pending:  # re-create the socket next round: the error may have been its
+            self._close()  # state (not while replies to it are awaited: those show it works)
+
+    def _complete(self, rnd: _Round, now: float | None = None) -> None:
+        """The round is over: answered by all its targets, past its deadline, or abandoned."""
+        if rnd.at is not None:
+            return
+        rnd.at = time.monotonic() if now is None else now
+        for seq in rnd.seqs:
+            self._pending.pop(seq, None)
+        rnd.seqs.clear()
+        if rnd is self._rounds[0] and self._wait is not None:
+            _settle(self._wait)  # run() reports it (and the completed rounds behind it)
+
+    def _report(self) -> None:
+        """Report the completed rounds at the head of the queue, in the order they started."""
+        while self._rounds and (at := self._rounds[0].at) is not None and not self._stopping:
+            rnd = self._rounds.popleft()
+            try:
+                self._on_round(ProbeRound(self.link, rnd.replies, at))
+            except Exception:
+                log.exception("%s: probe round handler failed", self.link)
 
     def _note_error(self, message: str) -> None:
         """Log at debug level, once per change: a dead link fails the same way every round."""
@@ -244,20 +288,18 @@ class Prober:
         self._icmp = self._sock = None
 
     def _on_readable(self) -> None:
-        """Drain the socket (non-blocking) and record the replies to this round's echoes."""
+        """Drain the socket (non-blocking) and record the replies to the echoes in flight."""
         sock = self._sock
         while sock is not None:
             try:
                 packet, (source, _) = sock.recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as err:  # re-create the socket; this round's echoes are lost
+            except OSError as err:  # re-create the socket; the echoes in flight are lost
                 self._note_error(f"receive failed: {err}")
                 self._close()
-                if self._pending:
-                    self._pending.clear()
-                    if self._wait is not None:
-                        _settle(self._wait)
+                for rnd in self._rounds:
+                    self._complete(rnd)
                 return
             self._match(packet, source, time.monotonic())
 
@@ -269,12 +311,14 @@ class Prober:
         if ident != self._ident:
             return
         entry = self._pending.get(seq)
-        if entry is None or entry[0] != source:  # late (previous round) or not from the target
+        if entry is None or entry[1] != source:  # late (round over) or not from the target
             return
         del self._pending[seq]
-        self._replies[entry[0]] = (now - entry[1]) * 1000
-        if not self._pending and self._wait is not None:
-            _settle(self._wait)
+        rnd, target, sent = entry
+        rnd.replies[target] = (now - sent) * 1000
+        rnd.seqs.discard(seq)
+        if not rnd.seqs:
+            self._complete(rnd, now)
 
 
 def _kernel_socket(icmp: ICMPv4Socket) -> socket.socket:

@@ -19,7 +19,10 @@ import itertools
 import logging
 import os
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -133,17 +136,22 @@ def lab(topo: Topo) -> Iterator[Topo]:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def enter_netns(ns: str) -> None:
+    """Move the calling thread (only it) into `ns`."""
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
 def in_netns(ns: str, body: Callable[[], Awaitable[T]]) -> T:
     """Run an asyncio body in a fresh thread that has entered `ns` (only that thread moves)."""
 
     def thread() -> T:
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-        finally:
-            os.close(fd)
+        enter_netns(ns)
 
         async def main() -> T:
             return await body()
@@ -357,20 +365,104 @@ def test_rounds_keep_the_interval(lab: Topo) -> None:
     async def body() -> None:
         # A dead target makes every round last the whole timeout (150 ms < 200 ms interval).
         p = prober("1", fast, targets=(TARGET, DEAD))
-        # Timeout 300 ms > interval: rounds follow each other at once, never overlapping.
-        q = Prober("slow", [DEAD], "10.0.1.2", 0x100, INTERVAL_MS, 300, slow)
+        # Timeout 350 ms > interval 100 ms: rounds overlap, the cadence stays the interval.
+        q = Prober("slow", [DEAD], "10.0.1.2", 0x100, 100, 350, slow)
         async with Running(p, q):
             t0 = time.monotonic()
             await asyncio.sleep(2.0)
             t1 = time.monotonic()
         n = len([r for r in fast.rounds if t0 <= r.at <= t1])
         assert 8 <= n <= 12, n
+        assert 16 <= len([r for r in slow.rounds if t0 <= r.at <= t1]) <= 24, slow.rounds
         ats = [r.at for r in slow.rounds]
+        assert 0.34 <= ats[0] - t0 <= 0.45, ats[0] - t0  # the first round waited its timeout
         gaps = [b - a for a, b in itertools.pairwise(ats)]
-        assert 5 <= len(ats) <= 8, ats
-        assert all(0.29 <= g <= 0.4 for g in gaps), gaps
+        assert all(0.05 <= g <= 0.15 for g in gaps), gaps  # in order, each round once
+        assert all(r.replies == {DEAD: None} for r in slow.rounds)
 
     in_netns(lab.router, body)
+
+
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+class ReversingResponder:
+    """Answers, in `ns`, the echo requests with ICMP id `ident` to TARGET in bursts: it holds
+    them until `burst` have arrived, then answers them newest first. The kernel's own echo
+    replies are switched off in `ns` meanwhile."""
+
+    def __init__(self, ns: str, ident: int, burst: int) -> None:
+        self.ns, self.ident, self.burst = ns, ident, burst
+        self.answered: list[list[int]] = []  # sequence numbers of each burst, in reply order
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> ReversingResponder:
+        sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1")
+        self._thread.start()
+        assert self._ready.wait(5), "responder did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=0")
+
+    def _serve(self) -> None:
+        enter_netns(self.ns)
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+            sock.bind((TARGET, 0))  # only requests to TARGET; replies come from it
+            sock.settimeout(0.05)
+            self._ready.set()
+            held: list[tuple[str, bytes]] = []
+            while not self._stop.is_set():
+                try:
+                    packet, (source, _) = sock.recvfrom(2048)
+                except TimeoutError:
+                    continue
+                icmp = packet[(packet[0] & 0x0F) * 4 :]
+                if icmp[0] != 8 or struct.unpack_from("!H", icmp, 4)[0] != self.ident:
+                    continue
+                held.append((source, icmp))
+                if len(held) < self.burst:
+                    continue
+                for source, request in reversed(held):
+                    reply = b"\0\0\0\0" + request[4:]  # type 0 (echo reply), code 0, checksum 0
+                    reply = reply[:2] + struct.pack("!H", _checksum(reply)) + reply[4:]
+                    sock.sendto(reply, (source, 0))
+                self.answered.append([struct.unpack_from("!H", r, 6)[0] for _, r in held[::-1]])
+                held.clear()
+
+
+def test_replies_out_of_order_are_reported_in_round_order(lab: Topo) -> None:
+    """Rounds that complete out of order (a later round answered first) are reported in the
+    order they started, each with its own replies."""
+    rec = Recorder()
+    p = Prober("1", [TARGET], *LINKS["1"], 100, 350, rec)
+
+    async def body() -> None:
+        async with Running(p):
+            await asyncio.sleep(1.65)
+
+    with ReversingResponder(lab.isp1, p.ident, burst=3) as responder:
+        in_netns(lab.router, body)
+    bursts = len(responder.answered)
+    assert bursts >= 4, responder.answered
+    assert all(seqs == sorted(seqs, reverse=True) for seqs in responder.answered)
+    rounds = rec.rounds
+    assert len(rounds) == 3 * bursts, rounds  # the rounds of the last, partial burst are dropped
+    rtts = [r.replies[TARGET] for r in rounds]
+    assert all(rtt is not None and rtt < 350 for rtt in rtts), rtts
+    sent = [r.at - (rtt or 0) / 1000 for r, rtt in zip(rounds, rtts, strict=True)]
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert all(0.05 <= g <= 0.15 for g in gaps), gaps  # in the order sent, each round once
+    for i in range(0, len(rounds), 3):  # each burst: the newest round completed first
+        assert rounds[i].at > rounds[i + 1].at > rounds[i + 2].at, rounds[i : i + 3]
 
 
 def test_stop_returns_promptly(lab: Topo) -> None:
