@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
         default="all",
         help="with -d: print only the nftables or only the ip -batch part",
     )
+    p.add_argument("--no-dbus", action="store_true", help="daemon: do not use the system bus")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"uplinkd {__version__}")
     return p
@@ -108,7 +109,7 @@ async def _run(args: argparse.Namespace) -> int:
         return await _once(args)
     if args.stop:
         return await _stop(args)
-    await Daemon(args.config, args.services).run()
+    await Daemon(args.config, args.services, dbus=not args.no_dbus).run()
     return 0
 
 

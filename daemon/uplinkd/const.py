@@ -62,3 +62,7 @@ SHUTDOWN_DRAIN_S: Final = 5.0
 EVENT_HOOK_TIMEOUT_S: Final = 10.0
 # Interface counters are read this often for the links' traffic rates.
 RATE_SAMPLE_S: Final = 1.0
+
+# D-Bus: the versioned name, so an incompatible API can live beside this one as Uplinkd2.
+BUS_NAME: Final = "org.uplinkd.Uplinkd1"
+BUS_PATH: Final = "/org/uplinkd/Uplinkd1"

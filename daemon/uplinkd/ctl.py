@@ -1,65 +1,363 @@
-"""`uplinkctl`: look at what uplinkd installed in the kernel here (the D-Bus client comes later).
+"""`uplinkctl`: the command-line client of uplinkd, over the D-Bus system bus.
 
-`uplinkctl status` reads uplinkd's nft maps and says, per rule, which links new connections
-currently go to and in what share; `uplinkctl dry-run` is `uplinkd -d`.
+The first half is pure formatting (durations, rates, the status table, monitor lines, the
+mapping of D-Bus errors to messages and exit codes), testable without a bus; the second half
+makes the calls. The client sends plain method calls instead of building proxies from
+introspection: one round trip per command, and every error reply is seen and translated here.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import signal
 import sys
-from collections import Counter
+import time
 from collections.abc import Sequence
+from typing import Any
 
-from .backends import NftablesBackend
-from .cli import main as uplinkd_main
-from .errors import UplinkdError
-from .plan import UNREACHABLE
+from dbus_fast import BusType, Message, MessageFlag, MessageType
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusFastError
+
+from .const import BUS_NAME, BUS_PATH
+
+MANAGER_INTERFACE = f"{BUS_NAME}.Manager"
+UPLINKD_ERROR = f"{BUS_NAME}.Error."
+# What dbus-fast (like libdbus) connects to when DBUS_SYSTEM_BUS_ADDRESS is unset.
+DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
+# dbus-daemon's own reply timeout: a daemon that takes longer is stuck, not busy.
+CALL_TIMEOUT_S = 25.0
+
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 1
+EXIT_USAGE = 2  # argparse's own
+EXIT_NOT_RUNNING = 3
+EXIT_ACCESS_DENIED = 4
+
+NOT_RUNNING_ERRORS = frozenset(
+    {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+)
+ACCESS_DENIED_ERROR = "org.freedesktop.DBus.Error.AccessDenied"
+
+# GetStatus's reply with the variants unwrapped: (manager dict, one dict per link).
+Status = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
-def status(as_json: bool) -> int:
-    state = NftablesBackend().read_back()
-    if state is None:
-        print(
-            "uplinkctl: uplinkd has no datapath installed in this network namespace",
-            file=sys.stderr,
+class CtlError(Exception):
+    """A failure to report as one line on stderr, with the exit code it stands for."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- formatting (pure) ---------------------------------------------------------------------
+
+
+RATE_UNITS = ("kbit/s", "Mbit/s", "Gbit/s", "Tbit/s")
+
+
+def human_duration(seconds: float) -> str:
+    """5s, 3m12s, 2h05m, 3d4h: two units at most, as the eye reads an uptime."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def human_rate(bits_per_second: float) -> str:
+    """850 bit/s, 12.3 Mbit/s: decimal (SI) prefixes, as ISPs sell bandwidth."""
+    if bits_per_second < 999.5:
+        return f"{max(0, round(bits_per_second))} bit/s"
+    exponent = 1  # the prefix that keeps the rounded figure under 1000
+    while exponent < len(RATE_UNITS) and bits_per_second / 1000**exponent >= 999.95:
+        exponent += 1
+    return f"{bits_per_second / 1000**exponent:.1f} {RATE_UNITS[exponent - 1]}"
+
+
+def human_percent(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0") + "%"
+
+
+def human_latency(ms: float) -> str:
+    return "-" if ms < 0 else f"{ms:.1f} ms"
+
+
+def unwrap_status(body: Sequence[Any]) -> Status:
+    """GetStatus's (a{sv}, aa{sv}) with the dbus-fast Variants replaced by their values."""
+    manager, links = body
+    return (
+        {key: variant.value for key, variant in manager.items()},
+        [{key: variant.value for key, variant in link.items()} for link in links],
+    )
+
+
+def status_header(manager: dict[str, Any]) -> str:
+    return (
+        f"uplinkd {manager.get('Version', '?')}: {manager.get('OverallState', '?')}, "
+        f"generation {manager.get('Generation', '?')}, mode {manager.get('Mode', '?')}"
+    )
+
+
+TABLE_COLUMNS = ("LINK", "DEVICE", "STATE", "FOR", "LATENCY", "LOSS", "SHARE", "RX", "TX")
+RIGHT_ALIGNED = frozenset({"FOR", "LATENCY", "LOSS", "SHARE", "RX", "TX"})
+
+
+def link_row(link: dict[str, Any], now: float) -> list[str]:
+    since = float(link.get("Since", 0))
+    return [
+        str(link.get("Name", "?")),
+        str(link.get("Device", "")) or "-",
+        str(link.get("State", "?")),
+        human_duration(now - since) if since > 0 else "-",
+        human_latency(float(link.get("LatencyMs", -1))),
+        human_percent(float(link.get("LossPercent", 0))),
+        human_percent(100 * float(link.get("NewConnectionShare", 0))),
+        human_rate(float(link.get("RxBps", 0))),
+        human_rate(float(link.get("TxBps", 0))),
+    ]
+
+
+def status_table(status: Status, now: float) -> str:
+    """The header line, then one row per link in the daemon's (configuration) order."""
+    manager, links = status
+    if not links:
+        return f"{status_header(manager)}\n(no links)\n"
+    rows = [list(TABLE_COLUMNS), *(link_row(link, now) for link in links)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = [status_header(manager)]
+    for row in rows:
+        cells = (
+            cell.rjust(width) if column in RIGHT_ALIGNED else cell.ljust(width)
+            for column, cell, width in zip(TABLE_COLUMNS, row, widths, strict=True)
         )
-        return 3
-    rules = {}
-    for name, targets in state.maps.items():
-        counts = Counter(targets)
-        rules[name] = {
-            (
-                "unreachable" if link == UNREACHABLE else state.link_names.get(link, f"link {link}")
-            ): round(100 * n / len(targets), 1)
-            for link, n in sorted(counts.items())
-        }
-    if as_json:
-        print(json.dumps({"structure": state.structure, "rules": rules}, indent=2))
-        return 0
-    print(f"uplinkd datapath installed (structure {state.structure})")
-    for name, shares in rules.items():
-        text = ", ".join(f"{target} {share}%" for target, share in shares.items())
-        print(f"  {name:<28} {text}")
-    return 0
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def status_json(status: Status) -> str:
+    manager, links = status
+    return json.dumps({"manager": manager, "links": links}, indent=2, sort_keys=True) + "\n"
+
+
+def timestamp(when: float) -> str:
+    local = time.localtime(when)
+    return time.strftime("%Y-%m-%d %H:%M:%S", local) + f".{int(when * 1000) % 1000:03d}"
+
+
+def state_change_line(when: float, name: str, old: str, new: str, reason: str) -> str:
+    return f"{timestamp(when)}  {name}: {old} -> {new}" + (f" ({reason})" if reason else "")
+
+
+def plan_applied_line(when: float, generation: int) -> str:
+    return f"{timestamp(when)}  plan applied, generation {generation}"
+
+
+def exit_code(error_name: str) -> int:
+    if error_name in NOT_RUNNING_ERRORS:
+        return EXIT_NOT_RUNNING
+    if error_name == ACCESS_DENIED_ERROR:
+        return EXIT_ACCESS_DENIED
+    return EXIT_DAEMON_ERROR
+
+
+def error_message(error_name: str, text: str, command: str) -> str:
+    """The line for an error reply: the bus's own errors reworded, uplinkd's passed on."""
+    code = exit_code(error_name)
+    if code == EXIT_NOT_RUNNING:
+        return f"uplinkd is not running (no owner of {BUS_NAME} on the system bus)"
+    if code == EXIT_ACCESS_DENIED:
+        return f"access denied: 'uplinkctl {command}' needs root or membership in the admin group"
+    if error_name.startswith(UPLINKD_ERROR) and text:
+        return text
+    return f"{text or 'failed'} ({error_name})"
+
+
+# --- the bus -------------------------------------------------------------------------------
+
+
+class Client:
+    """One connection to the system bus, calling uplinkd's manager for one command."""
+
+    def __init__(self, bus: MessageBus, command: str) -> None:
+        self.bus = bus
+        self.command = command
+
+    @classmethod
+    async def connect(cls, address: str, command: str) -> Client:
+        try:
+            bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+            await asyncio.wait_for(bus.connect(), CALL_TIMEOUT_S)
+        except (OSError, EOFError, DBusFastError, TimeoutError) as exc:
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or "timeout"
+            raise CtlError(
+                EXIT_NOT_RUNNING, f"cannot connect to the system bus at {address}: {reason}"
+            ) from None
+        return cls(bus, command)
+
+    async def call(self, member: str, sig: str = "", *body: Any) -> list[Any]:
+        """Call a method of uplinkd's manager; an error reply becomes a CtlError."""
+        flags = MessageFlag.NO_AUTOSTART  # asking for a status must not start a daemon
+        message = Message(
+            BUS_NAME, BUS_PATH, MANAGER_INTERFACE, member, flags=flags, signature=sig, body=[*body]
+        )
+        return await self.send(message)
+
+    async def subscribe(self, match: str) -> None:
+        bus, path = "org.freedesktop.DBus", "/org/freedesktop/DBus"
+        await self.send(Message(bus, path, bus, "AddMatch", signature="s", body=[match]))
+
+    async def send(self, message: Message) -> list[Any]:
+        try:
+            reply = await asyncio.wait_for(self.bus.call(message), CALL_TIMEOUT_S)
+        except TimeoutError:
+            late = f"uplinkd did not answer {message.member} within {CALL_TIMEOUT_S:g} s"
+            raise CtlError(EXIT_DAEMON_ERROR, late) from None
+        except (OSError, EOFError, DBusFastError) as exc:
+            raise CtlError(EXIT_NOT_RUNNING, f"lost the system bus: {exc}") from None
+        if reply.message_type == MessageType.ERROR:
+            error_name = reply.error_name or ""
+            text = str(reply.body[0]) if reply.body else ""
+            raise CtlError(exit_code(error_name), error_message(error_name, text, self.command))
+        return list(reply.body)
+
+
+async def monitor(client: Client, count: int | None) -> None:
+    """Print state changes and applied plans until `count` state changes, SIGINT or SIGTERM."""
+    # The bus's handlers only queue lines (an exception there would be logged, not raised);
+    # None ends the loop, a CtlError ends it with that error.
+    lines: asyncio.Queue[str | CtlError | None] = asyncio.Queue()
+    changes = 0
+
+    def on_message(message: Message) -> None:
+        nonlocal changes
+        now, body = time.time(), message.body
+        if message.message_type != MessageType.SIGNAL:
+            return
+        if message.interface == MANAGER_INTERFACE and message.member == "LinkStateChanged":
+            lines.put_nowait(state_change_line(now, *body[:4]))
+            changes += 1
+            if count is not None and changes == count:
+                lines.put_nowait(None)
+        elif message.interface == MANAGER_INTERFACE and message.member == "PlanApplied":
+            lines.put_nowait(plan_applied_line(now, body[0]))
+        elif message.member == "NameOwnerChanged" and body[0] == BUS_NAME:
+            went = "is back on" if body[2] else "left"
+            lines.put_nowait(f"{timestamp(now)}  uplinkd {went} the system bus")
+
+    def on_disconnect(future: asyncio.Future[None]) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: the message below says it
+        lines.put_nowait(CtlError(EXIT_NOT_RUNNING, "lost the connection to the system bus"))
+
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, lines.put_nowait, None)
+    client.bus.add_message_handler(on_message)
+    # Subscribe first, then take the snapshot, so no change falls between the two.
+    await client.subscribe(f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_INTERFACE}'")
+    await client.subscribe(
+        f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"
+    )
+    manager, _ = unwrap_status(await client.call("GetStatus"))
+    print(f"{timestamp(time.time())}  {status_header(manager)}", flush=True)
+    # dbus-fast leaves this coroutine unannotated; it ends when the bus connection does.
+    disconnected = asyncio.ensure_future(client.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    disconnected.add_done_callback(on_disconnect)
+    while (line := await lines.get()) is not None:
+        if isinstance(line, CtlError):
+            raise line
+        print(line, flush=True)
+
+
+async def run(args: argparse.Namespace) -> None:
+    command = args.command if args.command not in ("up", "down") else f"{args.command} {args.name}"
+    address = getattr(args, "bus_address", None) or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    client = await Client.connect(address or DEFAULT_SYSTEM_BUS, command)
+    try:
+        if args.command == "status":
+            data = unwrap_status(await client.call("GetStatus"))
+            sys.stdout.write(status_json(data) if args.json else status_table(data, time.time()))
+        elif args.command in ("up", "down"):
+            await client.call("SetLinkEnabled", "sb", args.name, args.command == "up")
+        elif args.command == "reload":
+            await client.call("Reload")
+        elif args.command == "dry-run":
+            [plan] = await client.call("DryRun")
+            sys.stdout.write(plan if plan.endswith("\n") else plan + "\n")
+        else:
+            await monitor(client, args.count)
+    finally:
+        client.bus.disconnect()
+
+
+EPILOG = f"""\
+uplinkctl talks to uplinkd over the system bus ({BUS_NAME}) at --bus-address,
+else $DBUS_SYSTEM_BUS_ADDRESS, else {DEFAULT_SYSTEM_BUS}.
+Anyone may read (status, monitor, dry-run); up, down and reload need root or the
+administrators' group of uplinkd's bus policy.
+
+exit status:
+  0  success
+  1  uplinkd refused or failed the request (unknown link, bad configuration on reload, ...)
+  2  usage error
+  3  uplinkd is not running, or the system bus cannot be reached
+  4  access denied by the bus policy
+"""
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--bus-address", metavar="ADDRESS", default=argparse.SUPPRESS, help="the bus to use"
+    )
+    p = argparse.ArgumentParser(
+        prog="uplinkctl",
+        description="Show and steer the uplinkd multi-WAN daemon.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    st = sub.add_parser("status", parents=[common], help="links, states and live figures")
+    st.add_argument("--json", action="store_true", help="GetStatus's data as JSON")
+    for command, verb in (("up", "enable"), ("down", "disable")):
+        one = sub.add_parser(command, parents=[common], help=f"{verb} a link (admin)")
+        one.add_argument("name", metavar="NAME", help="the link's name in the configuration")
+    sub.add_parser("reload", parents=[common], help="re-read the configuration (admin)")
+    mon = sub.add_parser("monitor", parents=[common], help="print state changes as they happen")
+    mon.add_argument("--count", type=positive, metavar="N", help="stop after N state changes")
+    sub.add_parser("dry-run", parents=[common], help="print what uplinkd would apply now")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="uplinkctl", description="Inspect uplinkd.")
-    sub = p.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("status", help="where new connections go, per rule (shares of buckets)")
-    st.add_argument("--json", action="store_true")
-    dry = sub.add_parser("dry-run", help="print what uplinkd would apply (uplinkd -d)")
-    dry.add_argument("-c", "--config", required=True)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
-        if args.command == "status":
-            return status(args.json)
-        return uplinkd_main(["-d", "--config", args.config])
-    except UplinkdError as exc:
-        print(f"uplinkctl: error: {exc}", file=sys.stderr)
-        return 1
+        asyncio.run(run(args))
+    except CtlError as exc:
+        print(f"uplinkctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`uplinkctl monitor | head -3`): nothing more to say, nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
 
 
 if __name__ == "__main__":

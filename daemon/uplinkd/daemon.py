@@ -19,6 +19,7 @@ from pyroute2 import AsyncIPRoute
 from . import config as config_loader
 from . import const, discovery, hooks, planner
 from .backends import get_backend
+from .bus import BusService
 from .coordinator import Coordinator
 from .datapath import Datapath
 from .errors import ConfigError, DiscoveryError, UplinkdError
@@ -26,6 +27,7 @@ from .events import EventHooks
 from .model import Config
 from .notify import Mailer
 from .plan import LinkFacts, Plan
+from .status import Snapshot
 
 log = logging.getLogger("uplinkd")
 
@@ -66,9 +68,14 @@ async def prepare(ipr: AsyncIPRoute, config: Config, services: Collection[str] =
 
 
 class Daemon:
-    """The foreground daemon: the coordinator plus signal handling."""
+    """The foreground daemon: the coordinator, the D-Bus service and signal handling.
 
-    def __init__(self, config_path: Path, services: Sequence[str] = ()) -> None:
+    It is also the controller the D-Bus adapter calls (bus.Controller).
+    """
+
+    def __init__(
+        self, config_path: Path, services: Sequence[str] = (), *, dbus: bool = True
+    ) -> None:
         self.config_path = config_path
         self.services = tuple(services)
         config = load_config(config_path, services)
@@ -80,19 +87,47 @@ class Daemon:
             events=EventHooks(config.hook_root, const.EVENT_HOOK_TIMEOUT_S),
             mailer=Mailer(config.mail),
         )
+        self.use_dbus = dbus
+        self.bus: BusService | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
 
+    # --- the controller the D-Bus adapter calls ---
+    def snapshot(self) -> Snapshot:
+        return self.coordinator.snapshot()
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self.coordinator.set_enabled(name, enabled)
+
+    def notify_device(self, device: str, action: str) -> None:
+        self.coordinator.notify_device(device, action)
+
+    def dry_run(self) -> str:
+        return self.coordinator.dry_run()
+
     async def reload(self) -> None:
-        """Load the configuration again; a bad one is refused and the running one stays."""
-        try:
-            config = load_config(self.config_path, self.services)
-            await self.coordinator.reconfigure(config)
-        except UplinkdError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            return
+        """Load the configuration again; a bad one is refused (raised) and the running one stays."""
+        config = load_config(self.config_path, self.services)
+        await self.coordinator.reconfigure(config)
         if self.coordinator.mailer is not None:
             self.coordinator.mailer.configure(config.mail)
+        if self.bus is not None:
+            self.bus.refresh_links()
+
+    # --- life cycle ---
+    async def _start_bus(self) -> None:
+        if not self.use_dbus:
+            return
+        bus = BusService(self)
+        try:
+            await bus.start()
+        except (UplinkdError, OSError) as exc:
+            log.warning("D-Bus unavailable, running without it: %s", exc)
+            return
+        self.bus = bus
+        self.coordinator.listeners.append(bus.on_transition)
+        self.coordinator.plan_listeners.append(bus.on_plan_applied)
+        log.info("on the system bus as %s", const.BUS_NAME)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,6 +136,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         async with AsyncIPRoute() as ipr:
             await self.coordinator.start(ipr)
+            await self._start_bus()
             links = len(self.coordinator.config.links)
             log.info("running with %d link(s); SIGHUP reloads, SIGTERM stops", links)
             while not self._stop.is_set():
@@ -112,7 +148,12 @@ class Daemon:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     log.info("SIGHUP: reloading %s", self.config_path)
-                    await self.reload()
+                    try:
+                        await self.reload()
+                    except UplinkdError as exc:
+                        log.error("reload refused, keeping the running configuration: %s", exc)
+            if self.bus is not None:
+                await self.bus.stop()
             await self.coordinator.stop()
             if self.coordinator.config.stop_removes_datapath:
                 await self.datapath.remove(ipr)

@@ -119,11 +119,25 @@ class Uplinkd:
             )
         return result
 
-    def start(self, config: Path, *argv: str, ready: str | None = "applied generation") -> Daemon:
-        """The daemon in the router namespace; waits (bounded) until it applied."""
+    def start(
+        self,
+        config: Path,
+        *argv: str,
+        ready: str | None = "applied generation",
+        bus_address: str | None = None,
+    ) -> Daemon:
+        """The daemon in the router namespace; waits (bounded) until it applied.
+
+        Without `bus_address` it runs with --no-dbus, so no test touches the host's system bus.
+        """
         cmd = ["ip", "netns", "exec", self.lab.ns_router, sys.executable, "-m", "uplinkd.cli"]
+        env = dict(os.environ)
+        if bus_address is None:
+            argv = ("--no-dbus", *argv)
+        else:
+            env["DBUS_SYSTEM_BUS_ADDRESS"] = bus_address
         proc = subprocess.Popen(
-            [*cmd, "--config", str(config), *argv], stderr=subprocess.PIPE, text=True
+            [*cmd, "--config", str(config), *argv], stderr=subprocess.PIPE, text=True, env=env
         )
         daemon = Daemon(proc)
         self.daemons.append(daemon)

@@ -1,0 +1,582 @@
+"""The D-Bus service on a private system-like bus with uplinkd's own policy file.
+
+A dbus-daemon with the system bus's default-deny policy and an exact copy of
+dbus/org.uplinkd.Uplinkd1.conf; BusService over a fake controller; clients as root (dbus-fast in the
+test's loop, dbus-send) and as nobody (dbus-send under setpriv: nobody cannot run this venv).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from uplinkd import const
+from uplinkd.bus import (
+    INTERNAL_MESSAGE,
+    LINK_INTERFACE,
+    MANAGER_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    BusService,
+    ErrorName,
+    link_path,
+)
+from uplinkd.coordinator import UnknownLinkError
+from uplinkd.errors import ConfigError, UplinkdError
+from uplinkd.link import NM_DOWN, NM_HINTS, LinkState, Transition
+from uplinkd.status import LinkStatus, Snapshot, overall
+
+from ..unit.test_bus_contract import contract, served_view
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "dbus" / "org.uplinkd.Uplinkd1.conf"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the private bus test needs root (setpriv)"),
+    pytest.mark.skipif(not shutil.which("dbus-daemon"), reason="dbus-daemon is not installed"),
+    pytest.mark.timeout(120),
+]
+
+# Debian's system.conf without the daemon-wide parts (user, fork, pid file, activation): deny by
+# default, so only what the policy directory allows gets through. The reply limit is raised from
+# the system bus default (128 pending per connection) for the flood test's 1000 calls in flight.
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={dir}/bus</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
+          send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <limit name="max_replies_per_connection">4096</limit>
+  <includedir>{dir}/system.d</includedir>
+</busconfig>
+"""
+
+
+@dataclass
+class PrivateBus:
+    address: str
+
+
+def start_bus(admin_group: str | None = None) -> Iterator[PrivateBus]:
+    """A dbus-daemon in a temporary directory that nobody can reach; killed when done."""
+    tmp = Path(tempfile.mkdtemp(prefix="uplinkd-bus-"))  # not under pytest's 0700 tmp_path
+    tmp.chmod(0o755)
+    (tmp / "system.d").mkdir()
+    policy = POLICY.read_text()
+    if admin_group is not None:  # what meson's admin_group option does at install
+        policy = policy.replace('group="netdev"', f'group="{admin_group}"')
+    (tmp / "system.d" / POLICY.name).write_text(policy)
+    (tmp / "bus.conf").write_text(BUS_CONFIG.format(dir=tmp))
+    proc = subprocess.Popen(
+        ["dbus-daemon", f"--config-file={tmp / 'bus.conf'}", "--nofork", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()  # bounded by the test timeout
+        assert address.startswith("unix:"), f"dbus-daemon did not start: {address!r}"
+        (tmp / "bus").chmod(0o666)
+        yield PrivateBus(address)
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_bus() -> Iterator[PrivateBus]:
+    yield from start_bus()
+
+
+def _link(name: str, device: str, **changes: Any) -> LinkStatus:
+    status = LinkStatus(
+        name=name,
+        device=device,
+        state="up",
+        since=1_700_000_000.25,
+        usable=True,
+        weight=2,
+        priority=1,
+        gateway="192.0.2.1",
+        address="192.0.2.10/24",
+        latency_ms=12.5,
+        loss_percent=0.0,
+        rx_bps=8000,
+        tx_bps=4000,
+        new_connection_share=0.5,
+    )
+    return replace(status, **changes)
+
+
+@dataclass
+class FakeController:
+    """The bus.Controller protocol over two links; records what it was asked."""
+
+    links: list[LinkStatus] = field(
+        default_factory=lambda: [_link("ISP1", "wan1"), _link("ISP2", "wan2", weight=1)]
+    )
+    generation: int = 3
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    fail: Exception | None = None  # raised by set_enabled
+    refuse: UplinkdError | None = None  # raised by reload
+
+    def snapshot(self) -> Snapshot:
+        links = tuple(self.links)
+        return Snapshot("9.8.7", "weighted", self.generation, overall(links), links)
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self.calls.append(("set_enabled", name, enabled))
+        if self.fail is not None:
+            raise self.fail
+        if name not in [link.name for link in self.links]:
+            raise UnknownLinkError(f"unknown link {name!r}; links: ISP1, ISP2")
+
+    def notify_device(self, device: str, action: str) -> None:
+        self.calls.append(("notify_device", device, action))
+        if device not in [link.device for link in self.links]:
+            raise UnknownLinkError(f"no link uses device {device!r}")
+        if action != NM_DOWN and action not in NM_HINTS:  # as link.Link.notify
+            raise ValueError(f"link ISP1: unknown NetworkManager dispatcher action {action!r}")
+
+    async def reload(self) -> None:
+        self.calls.append(("reload",))
+        await asyncio.sleep(0)
+        if self.refuse is not None:
+            raise self.refuse
+
+    def dry_run(self) -> str:
+        return "# nothing applied yet\n"
+
+
+@dataclass
+class Harness:
+    service: BusService
+    fake: FakeController
+    client: MessageBus
+    bus: PrivateBus
+    signals: list[Message] = field(default_factory=list)
+
+    async def call(
+        self, path: str, interface: str, member: str, signature: str = "", *body: Any
+    ) -> Message:
+        message = Message(
+            destination=const.BUS_NAME,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
+        return await self.client.call(message)
+
+    async def ok(self, *args: Any) -> list[Any]:
+        reply = await self.call(*args)
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        return list(reply.body)
+
+    async def error(self, *args: Any) -> tuple[str, str]:
+        reply = await self.call(*args)
+        assert reply.message_type is MessageType.ERROR, reply.body
+        return str(reply.error_name), str(reply.body[0])
+
+    async def signal(self, member: str, path: str | None = None, timeout: float = 5.0) -> Message:
+        async def arrived() -> Message:
+            while True:
+                for message in self.signals:
+                    if message.member == member and (path is None or message.path == path):
+                        return message
+                await asyncio.sleep(0.01)
+
+        return await asyncio.wait_for(arrived(), timeout)
+
+
+def run(bus: PrivateBus, scenario: Callable[[Harness], Awaitable[None]]) -> None:
+    async def main() -> None:
+        fake = FakeController()
+        service = BusService(fake)
+        await service.start(bus.address)
+        client = await MessageBus(bus_address=bus.address).connect()
+        harness = Harness(service, fake, client, bus)
+        client.add_message_handler(
+            lambda m: harness.signals.append(m) if m.message_type is MessageType.SIGNAL else None
+        )
+        rule = f"type='signal',sender='{const.BUS_NAME}'"
+        reply = await client.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[rule],
+            )
+        )
+        assert reply.message_type is MessageType.METHOD_RETURN
+        try:
+            await scenario(harness)
+        finally:
+            client.disconnect()
+            await service.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def dbus_send(
+    bus: PrivateBus, path: str, method: str, *args: str, as_nobody: bool = True
+) -> tuple[int, str]:
+    """dbus-send to uplinkd, as nobody:nogroup without supplementary groups unless told."""
+    unprivileged = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    command = [
+        *(unprivileged if as_nobody else []),
+        "dbus-send",
+        f"--bus={bus.address}",
+        "--print-reply",
+        f"--dest={const.BUS_NAME}",
+        path,
+        method,
+        *args,
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/"
+    )
+    out, _ = await proc.communicate()
+    return int(proc.returncode or 0), out.decode()
+
+
+MANAGER = (const.BUS_PATH, MANAGER_INTERFACE)
+ISP1 = link_path("ISP1")
+
+
+def test_served_introspection_is_the_contract(private_bus: PrivateBus) -> None:
+    async def scenario(h: Harness) -> None:
+        introspectable = "org.freedesktop.DBus.Introspectable"
+        [manager_xml] = await h.ok(const.BUS_PATH, introspectable, "Introspect")
+        [link_xml] = await h.ok(ISP1, introspectable, "Introspect")
+        assert served_view(manager_xml) == contract(MANAGER_INTERFACE, OBJECT_MANAGER_INTERFACE)
+        assert served_view(link_xml, link_object=True) == contract(LINK_INTERFACE)
+        [link_dir_xml] = await h.ok(const.BUS_PATH + "/link", introspectable, "Introspect")
+        assert '<node name="ISP1"' in link_dir_xml
+        assert '<node name="ISP2"' in link_dir_xml
+
+    run(private_bus, scenario)
+
+
+def test_status_properties_and_managed_objects(private_bus: PrivateBus) -> None:
+    async def scenario(h: Harness) -> None:
+        manager, links = await h.ok(*MANAGER, "GetStatus")
+        assert {k: v.value for k, v in manager.items()} == {
+            "Version": "9.8.7",
+            "Mode": "weighted",
+            "Generation": 3,
+            "OverallState": "online",
+        }
+        assert [link["Name"].value for link in links] == ["ISP1", "ISP2"]
+        isp1 = links[0]
+        assert isp1["Since"] == Variant("t", 1_700_000_000)
+        assert isp1["Weight"] == Variant("u", 2)
+        assert isp1["LatencyMs"] == Variant("d", 12.5)
+        assert isp1["Address"] == Variant("s", "192.0.2.10/24")
+        assert isp1["NewConnectionShare"] == Variant("d", 0.5)
+
+        [state] = await h.ok(ISP1, PROPERTIES, "Get", "ss", LINK_INTERFACE, "State")
+        assert state == Variant("s", "up")
+        [generation] = await h.ok(
+            const.BUS_PATH, PROPERTIES, "Get", "ss", MANAGER_INTERFACE, "Generation"
+        )
+        assert generation == Variant("t", 3)
+        [everything] = await h.ok(ISP1, PROPERTIES, "GetAll", "s", LINK_INTERFACE)
+        assert everything == isp1  # the properties and GetStatus say the same
+        [plan] = await h.ok(*MANAGER, "DryRun")
+        assert plan.startswith("#")
+
+        [objects] = await h.ok(const.BUS_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+        assert set(objects) == {ISP1, link_path("ISP2")}
+        assert objects[ISP1] == {LINK_INTERFACE: isp1}
+
+        name, _ = await h.error(
+            ISP1, PROPERTIES, "Set", "ssv", LINK_INTERFACE, "State", Variant("s", "x")
+        )
+        assert name == "org.freedesktop.DBus.Error.PropertyReadOnly"
+
+    run(private_bus, scenario)
+
+
+def test_policy_anyone_reads_only_root_changes(private_bus: PrivateBus) -> None:
+    async def scenario(h: Harness) -> None:
+        reads = [
+            (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetStatus"),
+            (const.BUS_PATH, f"{MANAGER_INTERFACE}.DryRun"),
+            (const.BUS_PATH, f"{PROPERTIES}.Get", f"string:{MANAGER_INTERFACE}", "string:Version"),
+            (ISP1, f"{PROPERTIES}.GetAll", f"string:{LINK_INTERFACE}"),
+            (const.BUS_PATH, f"{OBJECT_MANAGER_INTERFACE}.GetManagedObjects"),
+            (const.BUS_PATH, "org.freedesktop.DBus.Introspectable.Introspect"),
+        ]
+        for path, method, *args in reads:
+            code, out = await dbus_send(h.bus, path, method, *args)
+            assert code == 0, f"nobody: {method}: {out}"
+        assert "9.8.7" in (await dbus_send(h.bus, *reads[2]))[1]
+
+        changes = [
+            (f"{MANAGER_INTERFACE}.Reload",),
+            (f"{MANAGER_INTERFACE}.SetLinkEnabled", "string:ISP1", "boolean:false"),
+            (f"{MANAGER_INTERFACE}.NotifyDevice", "string:wan1", "string:down"),
+        ]
+        for method, *args in changes:
+            code, out = await dbus_send(h.bus, const.BUS_PATH, method, *args)
+            assert code != 0 and ACCESS_DENIED in out, f"nobody: {method}: {out}"
+        # Properties.Set is nobody's business either (and every property is read-only anyway).
+        code, out = await dbus_send(
+            h.bus,
+            ISP1,
+            f"{PROPERTIES}.Set",
+            f"string:{LINK_INTERFACE}",
+            "string:State",
+            "variant:string:up",
+        )
+        assert ACCESS_DENIED in out
+        assert h.fake.calls == []
+
+        for method, *args in changes:
+            code, out = await dbus_send(h.bus, const.BUS_PATH, method, *args, as_nobody=False)
+            assert code == 0, f"root: {method}: {out}"
+        assert h.fake.calls == [
+            ("reload",),
+            ("set_enabled", "ISP1", False),
+            ("notify_device", "wan1", "down"),
+        ]
+
+    run(private_bus, scenario)
+
+
+def test_policy_admin_group_may_change_state() -> None:
+    """The policy's group clause, rewritten to nobody's group as meson's admin_group would."""
+    for bus in start_bus(admin_group="nogroup"):
+
+        async def scenario(h: Harness) -> None:
+            code, out = await dbus_send(h.bus, const.BUS_PATH, f"{MANAGER_INTERFACE}.Reload")
+            assert code == 0, out
+            assert h.fake.calls == [("reload",)]
+
+        run(bus, scenario)
+
+
+def test_errors_have_contract_names_and_one_line(
+    private_bus: PrivateBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(h: Harness) -> None:
+        name, text = await h.error(*MANAGER, "SetLinkEnabled", "sb", "nope", True)
+        assert (name, text) == (ErrorName.UNKNOWN_LINK, "unknown link 'nope'; links: ISP1, ISP2")
+        name, text = await h.error(*MANAGER, "NotifyDevice", "ss", "wan9", "up")
+        assert (name, text) == (ErrorName.UNKNOWN_LINK, "no link uses device 'wan9'")
+        name, text = await h.error(*MANAGER, "NotifyDevice", "ss", "wan1", "explode")
+        assert name == ErrorName.UNKNOWN_ACTION
+        assert "'explode'" in text
+
+        h.fake.refuse = ConfigError(
+            "/etc/uplinkd/uplinkd.toml", "must be positive", line=7, key="weight"
+        )
+        name, text = await h.error(*MANAGER, "Reload")
+        assert (name, text) == (ErrorName.RELOAD_FAILED, str(h.fake.refuse))
+        assert "\n" not in text
+
+        h.fake.fail = RuntimeError("secret detail in /root/uplinkd/coordinator.py")
+        with caplog.at_level(logging.ERROR, logger="uplinkd"):
+            name, text = await h.error(*MANAGER, "SetLinkEnabled", "sb", "ISP1", False)
+        assert (name, text) == (ErrorName.INTERNAL, INTERNAL_MESSAGE)
+        assert "secret" not in text and "Traceback" not in text
+        assert "RuntimeError: secret detail" in caplog.text  # the traceback stays in the log
+        assert "Traceback" in caplog.text
+
+    run(private_bus, scenario)
+
+
+def test_signals(private_bus: PrivateBus) -> None:
+    async def scenario(h: Harness) -> None:
+        h.fake.links[0] = replace(
+            h.fake.links[0], state="down", since=1_700_000_100.0, usable=False
+        )
+        transition = Transition("ISP1", LinkState.UP, LinkState.DOWN, "lost 5 of 5 rounds", 0.0)
+        h.service.on_transition(transition)
+        changed = await h.signal("PropertiesChanged", ISP1)
+        assert changed.body[0] == LINK_INTERFACE
+        assert changed.body[1] == {
+            "State": Variant("s", "down"),
+            "Since": Variant("t", 1_700_000_100),
+        }
+        state_changed = await h.signal("LinkStateChanged", const.BUS_PATH)
+        assert state_changed.body == ["ISP1", "up", "down", "lost 5 of 5 rounds"]
+        assert h.signals.index(changed) < h.signals.index(state_changed)
+        manager_changed = await h.signal("PropertiesChanged", const.BUS_PATH)
+        assert manager_changed.body[1] == {"OverallState": Variant("s", "degraded")}
+
+        # Nothing changed: the signal again, but no PropertiesChanged with the same values.
+        h.signals.clear()
+        h.service.on_transition(transition)
+        await h.signal("LinkStateChanged")
+        await asyncio.sleep(0.1)
+        assert [m.member for m in h.signals] == ["LinkStateChanged"]
+
+        h.fake.generation = 4
+        h.service.on_plan_applied(4)
+        assert (await h.signal("PlanApplied")).body == [4]
+        assert (await h.signal("PropertiesChanged", const.BUS_PATH)).body[1] == {
+            "Generation": Variant("t", 4)
+        }
+
+        # Measured values are published by the once-a-second check, only what changed.
+        h.signals.clear()
+        h.fake.links[1] = replace(h.fake.links[1], latency_ms=30.0, rx_bps=9000)
+        changed = await h.signal("PropertiesChanged", link_path("ISP2"), timeout=3.0)
+        assert changed.body[1] == {"LatencyMs": Variant("d", 30.0), "RxBps": Variant("t", 9000)}
+
+    run(private_bus, scenario)
+
+
+def test_links_added_and_removed(private_bus: PrivateBus) -> None:
+    async def scenario(h: Harness) -> None:
+        h.fake.links = [h.fake.links[0], _link("LTE-3", "wwan0")]
+        h.service.refresh_links()
+        removed = await h.signal("InterfacesRemoved")
+        added = await h.signal("InterfacesAdded")
+        assert removed.body == [link_path("ISP2"), [LINK_INTERFACE]]
+        assert added.body[0] == link_path("LTE-3") == f"{const.BUS_PATH}/link/LTE_2d3"
+        assert added.body[1][LINK_INTERFACE]["Device"] == Variant("s", "wwan0")
+        announcements = [m for m in h.signals if m.interface == OBJECT_MANAGER_INTERFACE]
+        assert {m.path for m in announcements} == {const.BUS_PATH}  # from the manager only
+        assert len(announcements) == 2
+
+        [objects] = await h.ok(const.BUS_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+        assert set(objects) == {ISP1, link_path("LTE-3")}
+        name, _ = await h.error(link_path("ISP2"), PROPERTIES, "GetAll", "s", LINK_INTERFACE)
+        assert name == "org.freedesktop.DBus.Error.UnknownObject"
+
+        # A D-Bus Reload refreshes the objects itself.
+        h.signals.clear()
+        h.fake.links = [h.fake.links[0]]
+        await h.ok(*MANAGER, "Reload")
+        assert (await h.signal("InterfacesRemoved")).body[0] == link_path("LTE-3")
+
+    run(private_bus, scenario)
+
+
+# A flooding client: CALLS calls in flight at once, spread over CALLS/100 connections because
+# dbus-fast drops a connection whose socket buffer fills (EAGAIN, python-dbus-next issue #153) and
+# 100 small calls fit in one. The service answers them all through its one connection.
+FLOOD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    async def main(calls, address, name, path, link_path, interface, link_interface):
+        calls = int(calls)
+        buses = [await MessageBus(bus_address=address).connect() for _ in range(calls // 100)]
+        def status():
+            return Message(destination=name, path=path, interface=interface, member="GetStatus")
+        def state():
+            return Message(destination=name, path=link_path, member="Get", signature="ss",
+                           interface="org.freedesktop.DBus.Properties",
+                           body=[link_interface, "State"])
+        pending = [buses[i % len(buses)].call(state() if i % 2 else status()) for i in range(calls)]
+        replies = await asyncio.gather(*pending)
+        print(sum(r.message_type is MessageType.METHOD_RETURN for r in replies))
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+async def flood(h: Harness, clients: int, calls: int) -> list[int]:
+    """How many of each client's calls were answered."""
+    args = [h.bus.address, const.BUS_NAME, const.BUS_PATH, ISP1, MANAGER_INTERFACE, LINK_INTERFACE]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOOD, str(calls), *args, stdout=subprocess.PIPE
+        )
+        for _ in range(clients)
+    ]
+    answered = []
+    for proc in procs:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0
+        answered.append(int(out))
+    return answered
+
+
+def test_a_flood_of_calls_does_not_stall_the_loop(private_bus: PrivateBus) -> None:
+    """Not a benchmark: the service's loop keeps ticking while it answers 1000 calls at once."""
+
+    async def scenario(h: Harness) -> None:
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.005)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        ticking = asyncio.create_task(ticker())
+        assert await flood(h, clients=1, calls=1000) == [1000]
+        ticking.cancel()
+        assert gaps and max(gaps) < 0.5, f"the loop stalled for {max(gaps):.3f} s"
+
+    run(private_bus, scenario)
+
+
+def test_a_flood_bigger_than_the_socket_buffer_keeps_the_service_on_the_bus(
+    private_bus: PrivateBus,
+) -> None:
+    """Replies faster than dbus-daemon reads them fill the service's socket; it must wait for
+    room, not drop the connection as dbus-fast does by itself."""
+
+    async def scenario(h: Harness) -> None:
+        assert await flood(h, clients=4, calls=2000) == [2000] * 4
+        [version] = await h.ok(
+            const.BUS_PATH, PROPERTIES, "Get", "ss", MANAGER_INTERFACE, "Version"
+        )
+        assert version == Variant("s", "9.8.7")
+
+    run(private_bus, scenario)
+
+
+def test_a_second_instance_cannot_own_the_name(private_bus: PrivateBus) -> None:
+    async def scenario(h: Harness) -> None:
+        second = BusService(FakeController())
+        with pytest.raises(UplinkdError, match="owned by another process"):
+            await second.start(h.bus.address)
+
+    run(private_bus, scenario)

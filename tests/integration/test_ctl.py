@@ -1,0 +1,382 @@
+"""The real `uplinkctl` against BusService (with a fake controller) on a private system-like bus.
+
+The bus runs with the system bus's default-deny policy plus the project's own policy file, so what
+uplinkctl may do here is what it may do on a real host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from uplinkd.bus import BusService
+from uplinkd.coordinator import UnknownLinkError
+from uplinkd.errors import UplinkdError
+from uplinkd.link import LinkState, Transition
+from uplinkd.status import LinkStatus, Overall, Snapshot
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("dbus-daemon"),
+        reason="uplinkctl integration tests need root and dbus-daemon (a private system bus)",
+    ),
+    pytest.mark.timeout(60),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "dbus" / "org.uplinkd.Uplinkd1.conf"
+NOT_RUNNING = (
+    "uplinkctl: uplinkd is not running (no owner of org.uplinkd.Uplinkd1 on the system bus)\n"
+)
+
+# The system bus's own default context (Debian's /usr/share/dbus-1/system.conf): method calls
+# and name ownership are denied unless a service's policy file opens them.
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <includedir>{policy_dir}</includedir>
+</busconfig>
+"""
+
+
+@pytest.fixture
+def bus_address() -> Iterator[str]:
+    """A private dbus-daemon that is a system bus in all but name; reachable by `nobody` too."""
+    tmp = Path(tempfile.mkdtemp(prefix="uplinkctl-bus-"))
+    tmp.chmod(0o755)
+    (policy_dir := tmp / "system.d").mkdir()
+    shutil.copy(POLICY, policy_dir)
+    config = tmp / "bus.conf"
+    config.write_text(BUS_CONFIG.format(socket=tmp / "bus", policy_dir=policy_dir))
+    daemon = subprocess.Popen(
+        ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon.stdout is not None
+    address = daemon.stdout.readline().strip()
+    try:
+        assert address.startswith("unix:"), f"dbus-daemon printed {address!r}"
+        yield address
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        shutil.rmtree(tmp)
+
+
+# Ages whose display cannot change while a test runs (the shown unit is minutes or hours).
+AGE_ISP1_S = 2 * 3600 + 5 * 60 + 10  # 2h05m
+AGE_ISP2_S = 3 * 86400 + 4 * 3600 + 20 * 60  # 3d4h
+
+
+def link(name: str, device: str, state: str, age: float, **values: Any) -> LinkStatus:
+    defaults: dict[str, Any] = {
+        "usable": state == "up",
+        "weight": 1,
+        "priority": 1,
+        "gateway": "192.0.2.1",
+        "address": "192.0.2.10/24",
+        "latency_ms": 12.5,
+        "loss_percent": 0.0,
+        "rx_bps": 12_300_000,
+        "tx_bps": 1_200_000,
+        "new_connection_share": 0.75,
+    }
+    since = time.time() - age
+    return LinkStatus(name=name, device=device, state=state, since=since, **(defaults | values))
+
+
+class FakeController:
+    """What the daemon would answer, and a record of what reached it (bus.Controller)."""
+
+    def __init__(self) -> None:
+        down = {"latency_ms": -1.0, "loss_percent": 100.0, "rx_bps": 0, "tx_bps": 850}
+        self.links = [
+            link("ISP1", "wan1", "up", AGE_ISP1_S, weight=3),
+            link("ISP2", "wan2", "down", AGE_ISP2_S, new_connection_share=0.0, **down),
+        ]
+        self.generation = 7
+        self.calls: list[tuple[Any, ...]] = []
+        self.refuse_reload = ""
+
+    def snapshot(self) -> Snapshot:
+        links = tuple(self.links)
+        return Snapshot("0.1.0", "weighted", self.generation, Overall.DEGRADED, links)
+
+    def _index(self, name: str) -> int:
+        for i, status in enumerate(self.links):
+            if status.name == name:
+                return i
+        raise UnknownLinkError(f"no link named {name!r} in the configuration")
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        i = self._index(name)
+        self.calls.append(("set_enabled", name, enabled))
+        self.links[i] = replace(self.links[i], state="init" if enabled else "disabled")
+
+    def notify_device(self, device: str, action: str) -> None:
+        self.calls.append(("notify_device", device, action))
+
+    async def reload(self) -> None:
+        self.calls.append(("reload",))
+        if self.refuse_reload:
+            raise UplinkdError(self.refuse_reload)
+
+    def dry_run(self) -> str:
+        self.calls.append(("dry_run",))
+        return "table inet uplinkd {\n}\nroute replace default via 192.0.2.1 table 201\n"
+
+
+T = TypeVar("T")
+
+
+class Service:
+    """BusService on its own event loop in a thread, while the test runs uplinkctl processes."""
+
+    def __init__(self, address: str, controller: FakeController) -> None:
+        self.controller = controller
+        self.service = BusService(controller)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self.service.start(address))
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the service's loop, as the daemon's coordinator would."""
+
+        async def wrapper() -> None:
+            fn()
+
+        self.run(wrapper())
+
+    def stop(self) -> None:
+        self.run(self.service.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def service(bus_address: str) -> Iterator[Service]:
+    running = Service(bus_address, FakeController())
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def env_for(address: str) -> dict[str, str]:
+    return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address, "TZ": "UTC"}
+
+
+def uplinkctl(address: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "uplinkd.ctl", *argv],
+        env=env_for(address),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_status_table(bus_address: str, service: Service) -> None:
+    done = uplinkctl(bus_address, "status")
+    assert (done.returncode, done.stderr) == (0, "")
+    lines = done.stdout.splitlines()
+    assert lines[0] == "uplinkd 0.1.0: degraded, generation 7, mode weighted"
+    assert [" ".join(line.split()) for line in lines[1:]] == [
+        "LINK DEVICE STATE FOR LATENCY LOSS SHARE RX TX",
+        "ISP1 wan1 up 2h05m 12.5 ms 0% 75% 12.3 Mbit/s 1.2 Mbit/s",
+        "ISP2 wan2 down 3d4h - 100% 0% 0 bit/s 850 bit/s",
+    ]
+
+
+def test_status_json(bus_address: str, service: Service) -> None:
+    done = uplinkctl(bus_address, "status", "--json")
+    assert (done.returncode, done.stderr) == (0, "")
+    data = json.loads(done.stdout)
+    assert data["manager"] == {
+        "Version": "0.1.0",
+        "Mode": "weighted",
+        "Generation": 7,
+        "OverallState": "degraded",
+    }
+    assert [entry["Name"] for entry in data["links"]] == ["ISP1", "ISP2"]
+    first = data["links"][0]
+    assert " ".join(first) == (  # every key of the contract, sorted
+        "Address Device Gateway LatencyMs LossPercent Name NewConnectionShare Priority RxBps "
+        "Since State TxBps Weight"
+    )
+    assert (first["Weight"], first["Gateway"], first["Address"]) == (
+        3,
+        "192.0.2.1",
+        "192.0.2.10/24",
+    )
+    assert (first["RxBps"], first["NewConnectionShare"]) == (12_300_000, 0.75)
+    assert data["links"][1]["LatencyMs"] == -1
+
+
+def test_up_and_down_reach_the_controller(bus_address: str, service: Service) -> None:
+    runs = [
+        (bus_address, "down", "ISP2"),
+        (bus_address, "up", "ISP2"),
+        # --bus-address wins over the environment's address
+        ("unix:path=/nonexistent", "--bus-address", bus_address, "down", "ISP1"),
+    ]
+    for address, *argv in runs:
+        done = uplinkctl(address, *argv)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert service.controller.calls == [
+        ("set_enabled", "ISP2", False),
+        ("set_enabled", "ISP2", True),
+        ("set_enabled", "ISP1", False),
+    ]
+    assert "ISP1  wan1    disabled" in uplinkctl(bus_address, "status").stdout
+
+
+def test_unknown_link(bus_address: str, service: Service) -> None:
+    done = uplinkctl(bus_address, "up", "NOPE")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "uplinkctl: no link named 'NOPE' in the configuration\n"
+    assert service.controller.calls == []
+
+
+def test_reload(bus_address: str, service: Service) -> None:
+    done = uplinkctl(bus_address, "reload")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    service.controller.refuse_reload = "/etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1"
+    done = uplinkctl(bus_address, "reload")
+    assert done.returncode == 1
+    assert done.stderr == "uplinkctl: /etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1\n"
+    assert service.controller.calls == [("reload",), ("reload",)]
+
+
+def test_dry_run(bus_address: str, service: Service) -> None:
+    done = uplinkctl(bus_address, "dry-run")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == service.controller.dry_run()
+
+
+def start_monitor(address: str, *argv: str) -> subprocess.Popen[str]:
+    """`uplinkctl monitor`, returned once it has subscribed (its first line, the snapshot)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uplinkd.ctl", "monitor", *argv],
+        env=env_for(address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # bounded by the module's timeout
+    assert first.endswith("  uplinkd 0.1.0: degraded, generation 7, mode weighted\n"), first
+    return proc
+
+
+def test_monitor_prints_a_transition_and_stops_at_count(bus_address: str, service: Service) -> None:
+    proc = start_monitor(bus_address, "--count", "1")
+    controller = service.controller
+    controller.links[1] = replace(controller.links[1], state="up", since=time.time())
+    controller.generation = 8
+    service.call(lambda: service.service.on_plan_applied(8))
+    down_up = Transition("ISP2", LinkState.DOWN, LinkState.UP, "5 good rounds in a row", 0.0)
+    service.call(lambda: service.service.on_transition(down_up))
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split("  ", 1)[1] for line in lines] == [
+        "plan applied, generation 8",
+        "ISP2: down -> up (5 good rounds in a row)",
+    ]
+    assert all(line[:4].isdigit() and line[10] == " " for line in lines)  # a date first
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_monitor_exits_0_on_signals(bus_address: str, service: Service, number: int) -> None:
+    proc = start_monitor(bus_address)
+    proc.send_signal(number)
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, out, err) == (0, "", "")
+
+
+def test_monitor_says_when_uplinkd_leaves(bus_address: str, service: Service) -> None:
+    proc = start_monitor(bus_address)
+    service.run(service.service.stop())
+    assert proc.stdout is not None
+    assert proc.stdout.readline().endswith("  uplinkd left the system bus\n")
+    proc.terminate()
+    assert proc.wait(timeout=20) == 0
+
+
+NOT_RUNNING_ARGV = ["status", "status --json", "up ISP1", "reload", "dry-run", "monitor"]
+
+
+@pytest.mark.parametrize("argv", [argv.split() for argv in NOT_RUNNING_ARGV])
+def test_daemon_not_running(bus_address: str, argv: list[str]) -> None:
+    done = uplinkctl(bus_address, *argv)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "", NOT_RUNNING)
+
+
+def as_nobody(address: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    return subprocess.run(
+        [*setpriv, sys.executable, "-m", "uplinkd.ctl", *argv],
+        env={**env_for(address), "PYTHONPATH": str(REPO / "daemon")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+    )
+
+
+def test_access_denied_for_an_unprivileged_user(bus_address: str, service: Service) -> None:
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to run uplinkctl as nobody")
+    probe = as_nobody(bus_address, "--help")
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run this checkout's python: {probe.stderr.strip()}")
+    status = as_nobody(bus_address, "status")
+    assert (status.returncode, status.stderr) == (0, "")  # reading is open to everyone
+    for argv, command in ((("down", "ISP1"), "down ISP1"), (("reload",), "reload")):
+        done = as_nobody(bus_address, *argv)
+        assert (done.returncode, done.stdout) == (4, "")
+        assert done.stderr == (
+            f"uplinkctl: access denied: 'uplinkctl {command}' needs root or membership in the "
+            "admin group\n"
+        )
+    assert service.controller.calls == []
