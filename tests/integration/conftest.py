@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,7 @@ class LogReader:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
+        self._proc = proc
         self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
         self._thread.start()
 
@@ -53,6 +55,12 @@ class LogReader:
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
+
+    def join(self) -> None:
+        """After the process ended: wait for the last lines and close the pipe."""
+        self._thread.join(timeout=10)
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
 
     @property
     def text(self) -> str:
@@ -85,6 +93,14 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        self.log.join()
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """A process's first line of output, or "" if none came within `timeout` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:

@@ -13,11 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,15 +31,13 @@ from uplinkd.bus import (
     ErrorName,
     link_path,
 )
-from uplinkd.coordinator import UnknownLinkError
 from uplinkd.errors import ConfigError, UplinkdError
-from uplinkd.link import NM_DOWN, NM_HINTS, LinkState, Transition
-from uplinkd.status import LinkStatus, Snapshot, overall
+from uplinkd.link import LinkState, Transition
 
 from ..unit.test_bus_contract import contract, served_view
+from .fake_controller import FakeController, link_status
+from .privatebus import PrivateBus, private_bus
 
-REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "dbus" / "org.uplinkd.Uplinkd1.conf"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
@@ -51,133 +47,17 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-# Debian's system.conf without the daemon-wide parts (user, fork, pid file, activation): deny by
-# default, so only what the policy directory allows gets through. The reply limit is raised from
-# the system bus default (128 pending per connection) for the flood test's 1000 calls in flight.
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={dir}/bus</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
-          send_member="UpdateActivationEnvironment"/>
-  </policy>
-  <limit name="max_replies_per_connection">4096</limit>
-  <includedir>{dir}/system.d</includedir>
-</busconfig>
-"""
-
-
-@dataclass
-class PrivateBus:
-    address: str
-
-
-def start_bus(admin_group: str | None = None) -> Iterator[PrivateBus]:
-    """A dbus-daemon in a temporary directory that nobody can reach; killed when done."""
-    tmp = Path(tempfile.mkdtemp(prefix="uplinkd-bus-"))  # not under pytest's 0700 tmp_path
-    tmp.chmod(0o755)
-    (tmp / "system.d").mkdir()
-    policy = POLICY.read_text()
-    if admin_group is not None:  # what meson's admin_group option does at install
-        policy = policy.replace('group="netdev"', f'group="{admin_group}"')
-    (tmp / "system.d" / POLICY.name).write_text(policy)
-    (tmp / "bus.conf").write_text(BUS_CONFIG.format(dir=tmp))
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={tmp / 'bus.conf'}", "--nofork", "--print-address=1"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()  # bounded by the test timeout
-        assert address.startswith("unix:"), f"dbus-daemon did not start: {address!r}"
-        (tmp / "bus").chmod(0o666)
-        yield PrivateBus(address)
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
-def private_bus() -> Iterator[PrivateBus]:
-    yield from start_bus()
+def bus() -> Iterator[PrivateBus]:
+    with private_bus() as running:
+        yield running
 
 
-def _link(name: str, device: str, **changes: Any) -> LinkStatus:
-    status = LinkStatus(
-        name=name,
-        device=device,
-        state="up",
-        since=1_700_000_000.25,
-        usable=True,
-        weight=2,
-        priority=1,
-        gateway="192.0.2.1",
-        address="192.0.2.10/24",
-        latency_ms=12.5,
-        loss_percent=0.0,
-        rx_bps=8000,
-        tx_bps=4000,
-        new_connection_share=0.5,
-    )
-    return replace(status, **changes)
-
-
-@dataclass
-class FakeController:
-    """The bus.Controller protocol over two links; records what it was asked."""
-
-    links: list[LinkStatus] = field(
-        default_factory=lambda: [_link("ISP1", "wan1"), _link("ISP2", "wan2", weight=1)]
-    )
-    generation: int = 3
-    calls: list[tuple[Any, ...]] = field(default_factory=list)
-    fail: Exception | None = None  # raised by set_enabled
-    refuse: UplinkdError | None = None  # raised by reload
-
-    def snapshot(self) -> Snapshot:
-        links = tuple(self.links)
-        return Snapshot("9.8.7", "weighted", self.generation, overall(links), links)
-
-    def set_enabled(self, name: str, enabled: bool) -> None:
-        self.calls.append(("set_enabled", name, enabled))
-        if self.fail is not None:
-            raise self.fail
-        if name not in [link.name for link in self.links]:
-            raise UnknownLinkError(f"unknown link {name!r}; links: ISP1, ISP2")
-
-    def notify_device(self, device: str, action: str) -> None:
-        self.calls.append(("notify_device", device, action))
-        if device not in [link.device for link in self.links]:
-            raise UnknownLinkError(f"no link uses device {device!r}")
-        if action != NM_DOWN and action not in NM_HINTS:  # as link.Link.notify
-            raise ValueError(f"link ISP1: unknown NetworkManager dispatcher action {action!r}")
-
-    async def reload(self) -> None:
-        self.calls.append(("reload",))
-        await asyncio.sleep(0)
-        if self.refuse is not None:
-            raise self.refuse
-
-    def dry_run(self) -> str:
-        return "# nothing applied yet\n"
+def controller() -> FakeController:
+    """Two links up, a version and generation that only the controller can have told."""
+    links = [link_status("ISP1", "wan1"), link_status("ISP2", "wan2", weight=1)]
+    return FakeController(version="9.8.7", generation=3, links=links)
 
 
 @dataclass
@@ -224,7 +104,7 @@ class Harness:
 
 def run(bus: PrivateBus, scenario: Callable[[Harness], Awaitable[None]]) -> None:
     async def main() -> None:
-        fake = FakeController()
+        fake = controller()
         service = BusService(fake)
         await service.start(bus.address)
         client = await MessageBus(bus_address=bus.address).connect()
@@ -279,7 +159,7 @@ MANAGER = (const.BUS_PATH, MANAGER_INTERFACE)
 ISP1 = link_path("ISP1")
 
 
-def test_served_introspection_is_the_contract(private_bus: PrivateBus) -> None:
+def test_served_introspection_is_the_contract(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
         introspectable = "org.freedesktop.DBus.Introspectable"
         [manager_xml] = await h.ok(const.BUS_PATH, introspectable, "Introspect")
@@ -290,10 +170,10 @@ def test_served_introspection_is_the_contract(private_bus: PrivateBus) -> None:
         assert '<node name="ISP1"' in link_dir_xml
         assert '<node name="ISP2"' in link_dir_xml
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
-def test_status_properties_and_managed_objects(private_bus: PrivateBus) -> None:
+def test_status_properties_and_managed_objects(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
         manager, links = await h.ok(*MANAGER, "GetStatus")
         assert {k: v.value for k, v in manager.items()} == {
@@ -330,10 +210,10 @@ def test_status_properties_and_managed_objects(private_bus: PrivateBus) -> None:
         )
         assert name == "org.freedesktop.DBus.Error.PropertyReadOnly"
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
-def test_policy_anyone_reads_only_root_changes(private_bus: PrivateBus) -> None:
+def test_policy_anyone_reads_only_root_changes(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
         reads = [
             (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetStatus"),
@@ -377,23 +257,23 @@ def test_policy_anyone_reads_only_root_changes(private_bus: PrivateBus) -> None:
             ("notify_device", "wan1", "down"),
         ]
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
 def test_policy_admin_group_may_change_state() -> None:
     """The policy's group clause, rewritten to nobody's group as meson's admin_group would."""
-    for bus in start_bus(admin_group="nogroup"):
 
-        async def scenario(h: Harness) -> None:
-            code, out = await dbus_send(h.bus, const.BUS_PATH, f"{MANAGER_INTERFACE}.Reload")
-            assert code == 0, out
-            assert h.fake.calls == [("reload",)]
+    async def scenario(h: Harness) -> None:
+        code, out = await dbus_send(h.bus, const.BUS_PATH, f"{MANAGER_INTERFACE}.Reload")
+        assert code == 0, out
+        assert h.fake.calls == [("reload",)]
 
-        run(bus, scenario)
+    with private_bus(admin_group="nogroup") as nogroup_bus:
+        run(nogroup_bus, scenario)
 
 
 def test_errors_have_contract_names_and_one_line(
-    private_bus: PrivateBus, caplog: pytest.LogCaptureFixture
+    bus: PrivateBus, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario(h: Harness) -> None:
         name, text = await h.error(*MANAGER, "SetLinkEnabled", "sb", "nope", True)
@@ -419,10 +299,10 @@ def test_errors_have_contract_names_and_one_line(
         assert "RuntimeError: secret detail" in caplog.text  # the traceback stays in the log
         assert "Traceback" in caplog.text
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
-def test_signals(private_bus: PrivateBus) -> None:
+def test_signals(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
         h.fake.links[0] = replace(
             h.fake.links[0], state="down", since=1_700_000_100.0, usable=False
@@ -461,12 +341,12 @@ def test_signals(private_bus: PrivateBus) -> None:
         changed = await h.signal("PropertiesChanged", link_path("ISP2"), timeout=3.0)
         assert changed.body[1] == {"LatencyMs": Variant("d", 30.0), "RxBps": Variant("t", 9000)}
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
-def test_links_added_and_removed(private_bus: PrivateBus) -> None:
+def test_links_added_and_removed(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
-        h.fake.links = [h.fake.links[0], _link("LTE-3", "wwan0")]
+        h.fake.links = [h.fake.links[0], link_status("LTE-3", "wwan0")]
         h.service.refresh_links()
         removed = await h.signal("InterfacesRemoved")
         added = await h.signal("InterfacesAdded")
@@ -488,7 +368,7 @@ def test_links_added_and_removed(private_bus: PrivateBus) -> None:
         await h.ok(*MANAGER, "Reload")
         assert (await h.signal("InterfacesRemoved")).body[0] == link_path("LTE-3")
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
 # A flooding client: CALLS calls in flight at once, spread over CALLS/100 connections because
@@ -535,7 +415,7 @@ async def flood(h: Harness, clients: int, calls: int) -> list[int]:
     return answered
 
 
-def test_a_flood_of_calls_does_not_stall_the_loop(private_bus: PrivateBus) -> None:
+def test_a_flood_of_calls_does_not_stall_the_loop(bus: PrivateBus) -> None:
     """Not a benchmark: the service's loop keeps ticking while it answers 1000 calls at once."""
 
     async def scenario(h: Harness) -> None:
@@ -554,11 +434,11 @@ def test_a_flood_of_calls_does_not_stall_the_loop(private_bus: PrivateBus) -> No
         ticking.cancel()
         assert gaps and max(gaps) < 0.5, f"the loop stalled for {max(gaps):.3f} s"
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
 def test_a_flood_bigger_than_the_socket_buffer_keeps_the_service_on_the_bus(
-    private_bus: PrivateBus,
+    bus: PrivateBus,
 ) -> None:
     """Replies faster than dbus-daemon reads them fill the service's socket; it must wait for
     room, not drop the connection as dbus-fast does by itself."""
@@ -570,13 +450,13 @@ def test_a_flood_bigger_than_the_socket_buffer_keeps_the_service_on_the_bus(
         )
         assert version == Variant("s", "9.8.7")
 
-    run(private_bus, scenario)
+    run(bus, scenario)
 
 
-def test_a_second_instance_cannot_own_the_name(private_bus: PrivateBus) -> None:
+def test_a_second_instance_cannot_own_the_name(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
-        second = BusService(FakeController())
+        second = BusService(controller())
         with pytest.raises(UplinkdError, match="owned by another process"):
             await second.start(h.bus.address)
 
-    run(private_bus, scenario)
+    run(bus, scenario)

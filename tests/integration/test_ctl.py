@@ -13,20 +13,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from uplinkd.bus import BusService
-from uplinkd.coordinator import UnknownLinkError
 from uplinkd.errors import UplinkdError
 from uplinkd.link import LinkState, Transition
-from uplinkd.status import LinkStatus, Overall, Snapshot
+from uplinkd.status import LinkStatus
+
+from .conftest import first_line
+from .fake_controller import FakeController, link_status
+from .privatebus import REPO, private_bus
 
 pytestmark = [
     pytest.mark.skipif(
@@ -36,63 +37,15 @@ pytestmark = [
     pytest.mark.timeout(60),
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "dbus" / "org.uplinkd.Uplinkd1.conf"
 NOT_RUNNING = (
     "uplinkctl: uplinkd is not running (no owner of org.uplinkd.Uplinkd1 on the system bus)\n"
 )
 
-# The system bus's own default context (Debian's /usr/share/dbus-1/system.conf): method calls
-# and name ownership are denied unless a service's policy file opens them.
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <includedir>{policy_dir}</includedir>
-</busconfig>
-"""
-
 
 @pytest.fixture
 def bus_address() -> Iterator[str]:
-    """A private dbus-daemon that is a system bus in all but name; reachable by `nobody` too."""
-    tmp = Path(tempfile.mkdtemp(prefix="uplinkctl-bus-"))
-    tmp.chmod(0o755)
-    (policy_dir := tmp / "system.d").mkdir()
-    shutil.copy(POLICY, policy_dir)
-    config = tmp / "bus.conf"
-    config.write_text(BUS_CONFIG.format(socket=tmp / "bus", policy_dir=policy_dir))
-    daemon = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert daemon.stdout is not None
-    address = daemon.stdout.readline().strip()
-    try:
-        assert address.startswith("unix:"), f"dbus-daemon printed {address!r}"
-        yield address
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
-        shutil.rmtree(tmp)
+    with private_bus() as bus:
+        yield bus.address
 
 
 # Ages whose display cannot change while a test runs (the shown unit is minutes or hours).
@@ -101,61 +54,25 @@ AGE_ISP2_S = 3 * 86400 + 4 * 3600 + 20 * 60  # 3d4h
 
 
 def link(name: str, device: str, state: str, age: float, **values: Any) -> LinkStatus:
-    defaults: dict[str, Any] = {
+    figures: dict[str, Any] = {
         "usable": state == "up",
         "weight": 1,
-        "priority": 1,
-        "gateway": "192.0.2.1",
-        "address": "192.0.2.10/24",
-        "latency_ms": 12.5,
-        "loss_percent": 0.0,
         "rx_bps": 12_300_000,
         "tx_bps": 1_200_000,
         "new_connection_share": 0.75,
     }
     since = time.time() - age
-    return LinkStatus(name=name, device=device, state=state, since=since, **(defaults | values))
+    return link_status(name, device, state=state, since=since, **(figures | values))
 
 
-class FakeController:
-    """What the daemon would answer, and a record of what reached it (bus.Controller)."""
-
-    def __init__(self) -> None:
-        down = {"latency_ms": -1.0, "loss_percent": 100.0, "rx_bps": 0, "tx_bps": 850}
-        self.links = [
-            link("ISP1", "wan1", "up", AGE_ISP1_S, weight=3),
-            link("ISP2", "wan2", "down", AGE_ISP2_S, new_connection_share=0.0, **down),
-        ]
-        self.generation = 7
-        self.calls: list[tuple[Any, ...]] = []
-        self.refuse_reload = ""
-
-    def snapshot(self) -> Snapshot:
-        links = tuple(self.links)
-        return Snapshot("0.1.0", "weighted", self.generation, Overall.DEGRADED, links)
-
-    def _index(self, name: str) -> int:
-        for i, status in enumerate(self.links):
-            if status.name == name:
-                return i
-        raise UnknownLinkError(f"no link named {name!r} in the configuration")
-
-    def set_enabled(self, name: str, enabled: bool) -> None:
-        i = self._index(name)
-        self.calls.append(("set_enabled", name, enabled))
-        self.links[i] = replace(self.links[i], state="init" if enabled else "disabled")
-
-    def notify_device(self, device: str, action: str) -> None:
-        self.calls.append(("notify_device", device, action))
-
-    async def reload(self) -> None:
-        self.calls.append(("reload",))
-        if self.refuse_reload:
-            raise UplinkdError(self.refuse_reload)
-
-    def dry_run(self) -> str:
-        self.calls.append(("dry_run",))
-        return "table inet uplinkd {\n}\nroute replace default via 192.0.2.1 table 201\n"
+def degraded_controller() -> FakeController:
+    """One link up, one down: a degraded uplinkd, as the status table shows it."""
+    down = {"latency_ms": -1.0, "loss_percent": 100.0, "rx_bps": 0, "tx_bps": 850}
+    links = [
+        link("ISP1", "wan1", "up", AGE_ISP1_S, weight=3),
+        link("ISP2", "wan2", "down", AGE_ISP2_S, new_connection_share=0.0, **down),
+    ]
+    return FakeController(version="0.1.0", generation=7, links=links)
 
 
 T = TypeVar("T")
@@ -192,7 +109,7 @@ class Service:
 
 @pytest.fixture
 def service(bus_address: str) -> Iterator[Service]:
-    running = Service(bus_address, FakeController())
+    running = Service(bus_address, degraded_controller())
     try:
         yield running
     finally:
@@ -272,14 +189,16 @@ def test_up_and_down_reach_the_controller(bus_address: str, service: Service) ->
 def test_unknown_link(bus_address: str, service: Service) -> None:
     done = uplinkctl(bus_address, "up", "NOPE")
     assert (done.returncode, done.stdout) == (1, "")
-    assert done.stderr == "uplinkctl: no link named 'NOPE' in the configuration\n"
+    assert done.stderr == "uplinkctl: unknown link 'NOPE'; links: ISP1, ISP2\n"
     assert service.controller.calls == []
 
 
 def test_reload(bus_address: str, service: Service) -> None:
     done = uplinkctl(bus_address, "reload")
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
-    service.controller.refuse_reload = "/etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1"
+    service.controller.refuse = UplinkdError(
+        "/etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1"
+    )
     done = uplinkctl(bus_address, "reload")
     assert done.returncode == 1
     assert done.stderr == "uplinkctl: /etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1\n"
@@ -301,8 +220,7 @@ def start_monitor(address: str, *argv: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()  # bounded by the module's timeout
+    first = first_line(proc, timeout=20)
     assert first.endswith("  uplinkd 0.1.0: degraded, generation 7, mode weighted\n"), first
     return proc
 
