@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEBS=(nftables libnftables1 iproute2 conntrack iptables dbus procps python3-venv)
+DEBS=(nftables libnftables1 iproute2 conntrack iptables dbus procps python3-venv
+      meson ninja-build groff-base)
+# network-manager is not installed here: on a router it would start managing interfaces. CI
+# installs it (without starting it) for the NetworkManager test, which skips where it is absent.
 VENV=${UPLINKD_VENV:-.venv}
 
 need_root() {

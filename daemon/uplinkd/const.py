@@ -66,3 +66,5 @@ RATE_SAMPLE_S: Final = 1.0
 # D-Bus: the versioned name, so an incompatible API can live beside this one as Uplinkd2.
 BUS_NAME: Final = "org.uplinkd.Uplinkd1"
 BUS_PATH: Final = "/org/uplinkd/Uplinkd1"
+# A failed apply (a device or address changing underneath) is tried again this often.
+APPLY_RETRY_S: Final = 1.0

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
-from . import __version__, conntrack, const, counters, discovery, hooks, planner
+from . import __version__, conntrack, const, counters, discovery, hooks, nm, planner
 from .datapath import ApplyReport, Datapath
 from .errors import UplinkdError
 from .events import EventHooks, LinkEvent
@@ -75,6 +76,10 @@ class Coordinator:
         self.clock = clock
         self.links: dict[str, Link] = {}
         self.facts: dict[str, LinkFacts] = {}
+        self._gateways_logged: dict[str, str] = {}  # link -> its gateway and source, as logged
+        # One discovery at a time, so the last one started is the one whose facts stay; a burst
+        # of events (NetworkManager's address, route and dispatcher call) starts several.
+        self._discover_lock = asyncio.Lock()
         self.presumed_up: set[str] = set()  # init links treated as usable until their verdict
         self._in_use: set[str] = set()  # the usable links as of the last transition handled
         self.generation = 0
@@ -279,18 +284,23 @@ class Coordinator:
                 self._handle(link.tick(now))
 
     async def _measure(self) -> None:
-        """Sample the links' interface counters for their traffic rates."""
-        while True:
-            devices = {link.device for link in self.config.links}
-            try:
-                readings = await counters.read(self.ipr, devices)
-            except OSError as exc:
-                log.debug("reading interface counters failed: %s", exc)
-                readings = {}
-            now = self.clock()
-            for device, (rx, tx) in readings.items():
-                self.rates.sample(device, rx, tx, now)
-            await asyncio.sleep(const.RATE_SAMPLE_S)
+        """Sample the links' interface counters for their traffic rates.
+
+        On a netlink socket of its own: the kernel refuses a second dump on a socket that is
+        still dumping (EBUSY), and discovery and applies use the coordinator's.
+        """
+        async with AsyncIPRoute() as ipr:
+            while True:
+                devices = {link.device for link in self.config.links}
+                try:
+                    readings = await counters.read(ipr, devices)
+                except (OSError, NetlinkError) as exc:
+                    log.debug("reading interface counters failed: %s", exc)
+                    readings = {}
+                now = self.clock()
+                for device, (rx, tx) in readings.items():
+                    self.rates.sample(device, rx, tx, now)
+                await asyncio.sleep(const.RATE_SAMPLE_S)
 
     async def _refresh(self) -> None:
         """Re-read addresses and gateways; probers and the plan follow the new values."""
@@ -311,10 +321,32 @@ class Coordinator:
         self._schedule()
 
     async def _discover(self) -> None:
-        facts, warnings = await discovery.discover(self.ipr, self.config.links)
-        for warning in warnings:
-            log.warning("%s", warning)
-        self.facts = {fact.name: fact for fact in facts}
+        async with self._discover_lock:
+            # The netlink socket is the one applies use, and the kernel refuses a second dump on
+            # a socket (EBUSY); nmcli runs outside that lock, so a slow one never delays an apply.
+            async with self._apply_lock:
+                facts, warnings = await discovery.discover(self.ipr, self.config.links)
+            for warning in warnings:
+                log.warning("%s", warning)
+            facts = await self._prefer_nm_gateways(facts)
+            self.facts = {fact.name: fact for fact in facts}
+
+    async def _prefer_nm_gateways(self, facts: list[LinkFacts]) -> list[LinkFacts]:
+        """Links without a configured gateway take NetworkManager's when it runs their device."""
+        auto = {link.name for link in self.config.links if link.gateway is None}
+        managed = await nm.device_facts(fact.device for fact in facts if fact.name in auto)
+        merged: list[LinkFacts] = []
+        for found in facts:
+            if found.name not in auto:
+                merged.append(found)
+                continue
+            fact, source = nm.prefer_gateway(found, managed.get(found.device))
+            said = f"gateway {fact.gateway}, from {source}"
+            if self._gateways_logged.get(fact.name) != said:
+                self._gateways_logged[fact.name] = said
+                log.info("link %s: %s", fact.name, said)
+            merged.append(fact)
+        return merged
 
     # --- decisions to actions -------------------------------------------------------------------
 
@@ -371,16 +403,23 @@ class Coordinator:
             self._apply_task = asyncio.create_task(self._apply_soon())
 
     async def _apply_soon(self) -> None:
+        """Apply once the burst of transitions is over; a failed apply is retried, because the
+        kernel still holds the old state (a device or address may have been mid-change)."""
         await asyncio.sleep(const.COALESCE_S)
+        last_error = ""
         while self._pending.dirty:
             try:
                 await self._apply()
-            except UplinkdError as exc:
-                log.error("apply failed, the kernel keeps the previous state: %s", exc)
-                return
-            except Exception:
-                log.exception("internal error while applying; the kernel keeps its state")
-                return
+            except Exception as exc:
+                self._pending.dirty = True
+                if repr(exc) != last_error:  # once per distinct failure, not every retry
+                    if isinstance(exc, UplinkdError):
+                        log.error("apply failed, the kernel keeps the previous state: %s", exc)
+                    else:
+                        log.exception("internal error while applying; the kernel keeps its state")
+                    log.info("retrying every %.0f s while it fails", const.APPLY_RETRY_S)
+                last_error = repr(exc)
+                await asyncio.sleep(const.APPLY_RETRY_S)
 
     async def _apply(self) -> ApplyReport | None:
         async with self._apply_lock:
@@ -389,29 +428,36 @@ class Coordinator:
                 log.warning("no link has a usable device yet; the kernel stays as it is")
                 return None
             forget, self._pending.forget = self._pending.forget, set()
+            try:
+                report = await self._apply_plan()
+            except BaseException:
+                self._pending.forget |= forget  # still owed once an apply succeeds
+                raise
             usable = self.usable()
-            found = hooks.load(self.config, list(self.facts.values()), usable)
-            plan = planner.plan(self.config, list(self.facts.values()), usable, found.extras)
-            report = await self.datapath.apply(self.ipr, plan, found)
-            self.applies += 1
-            self.plan = plan
-            if report.changed:
-                self.generation += 1
-                for listener in self.plan_listeners:
-                    listener(self.generation)
-            up = ", ".join(sorted(usable & set(self.facts))) or "none"
-            log.info(
-                "applied generation %d, links in use: %s (%s)",
-                self.generation,
-                up,
-                report.describe(),
-            )
             for name in sorted(forget - usable):
                 if name in self.facts:
                     mark = planner.link_mark(self._link_id(name), self.config.mark_mask)
                     count = await conntrack.forget_mark(mark, self.config.mark_mask)
                     log.info("link %s: forgot %d tracked connections", name, count)
             return report
+
+    async def _apply_plan(self) -> ApplyReport:
+        usable = self.usable()
+        facts = list(self.facts.values())
+        found = hooks.load(self.config, facts, usable)
+        plan = planner.plan(self.config, facts, usable, found.extras)
+        report = await self.datapath.apply(self.ipr, plan, found)
+        self.applies += 1
+        self.plan = plan
+        if report.changed:
+            self.generation += 1
+            for listener in self.plan_listeners:
+                listener(self.generation)
+        up = ", ".join(sorted(usable & set(self.facts))) or "none"
+        log.info(
+            "applied generation %d, links in use: %s (%s)", self.generation, up, report.describe()
+        )
+        return report
 
     def snapshot(self) -> Snapshot:
         """Everything a status display shows, as of now."""

@@ -71,6 +71,8 @@ def hook_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
             if path.name.endswith(("~", ".bak")) or path.name.startswith(".") or not path.is_file():
                 continue
             reason = refusal(path)
+            if path.suffix == ".pl":
+                reason = f"{path}: refused: Perl hooks are not run; port it to a .py hook with B"
             if reason:
                 refused.append(reason)
             else:

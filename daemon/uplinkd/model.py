@@ -161,6 +161,10 @@ class Config:
 
     @property
     def hook_root(self) -> Path:
+        """Where the hook directories are: beside an uplinkd.toml; for a balance.conf in
+        `balance/` beside it, Net-ISP-Balance's own layout (/etc/network/balance/firewall/...)."""
+        if self.format == "balance.conf":
+            return self.path.parent / "balance"
         return self.path.parent
 
     def link(self, name: str) -> LinkConfig:

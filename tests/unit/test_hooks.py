@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,17 @@ def test_python_hook_errors_name_file_and_line(
     assert (caught.value.path, caught.value.line) == (path, line)
     assert str(caught.value).startswith(f"{path}:{line}: ")
     assert fragment in str(caught.value)
+
+
+def test_perl_hook_is_refused_with_its_name(tmp_path: Path) -> None:
+    perl = write(tmp_path, "firewall/02.accept.pl", "$B->forward(80 => '192.168.10.35');\n")
+    found, refused = hooks.hook_files(tmp_path)
+    assert found == []
+    assert refused == [f"{perl}: refused: Perl hooks are not run; port it to a .py hook with B"]
+
+
+def test_balance_conf_hooks_live_in_balance_beside_it(config: Config) -> None:
+    toml = replace(config, path=Path("/etc/uplinkd/uplinkd.toml"))
+    legacy = replace(config, path=Path("/etc/network/balance.conf"), format="balance.conf")
+    assert toml.hook_root == Path("/etc/uplinkd")
+    assert legacy.hook_root == Path("/etc/network/balance")  # Net-ISP-Balance's own layout
