@@ -68,3 +68,15 @@ BUS_NAME: Final = "org.uplinkd.Uplinkd1"
 BUS_PATH: Final = "/org/uplinkd/Uplinkd1"
 # A failed apply (a device or address changing underneath) is tried again this often.
 APPLY_RETRY_S: Final = 1.0
+
+# Measured methods (measured.py). Overflow: a link it spilled from is taken back only this far
+# (as a fraction of capacity) below the saturation threshold, so a link hovering at it is stable.
+OVERFLOW_HYSTERESIS: Final = 0.10
+# Least-used: move new connections only for at least this much more free capacity (5 Mbit/s).
+LEAST_USED_MARGIN_BPS: Final = 5e6
+# Lowest-latency: move only for a gain of at least this many ms and this share of the latency,
+# so that two equal links (jitter of a few ms) do not trade places.
+LATENCY_MARGIN_MS: Final = 5.0
+LATENCY_MARGIN_RATIO: Final = 0.2
+# Default saturation threshold of the overflow method, in percent of the configured bandwidth.
+DEFAULT_SATURATION_PERCENT: Final = 90

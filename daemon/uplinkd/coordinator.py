@@ -24,8 +24,10 @@ from . import __version__, conntrack, const, counters, discovery, hooks, nm, pla
 from .datapath import ApplyReport, Datapath
 from .errors import UplinkdError
 from .events import EventHooks, LinkEvent
+from .hops import HopProber
 from .link import Link, LinkState, Transition
-from .model import Config, LinkConfig
+from .measured import LinkMeasure
+from .model import MEASURED_METHODS, Config, LinkConfig, Method
 from .netlink import EventKind, NetEvent, NetlinkWatcher
 from .notify import Mailer
 from .plan import LinkFacts, Plan
@@ -46,6 +48,10 @@ class UnknownLinkError(UplinkdError):
 class _Pending:
     dirty: bool = False
     forget: set[str] = field(default_factory=set)  # links whose conntrack entries must go
+
+
+def prober_mark(config: Config, link_id: int) -> int:
+    return planner.link_mark(link_id, config.mark_mask)
 
 
 def probe_targets(link: LinkConfig, fact: LinkFacts | None) -> list[str]:
@@ -92,6 +98,8 @@ class Coordinator:
         self._apply_task: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()
         self._probers: dict[str, Prober] = {}
+        self._hop_probers: dict[str, HopProber] = {}
+        self.hop_latency: dict[str, float | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ipr: AsyncIPRoute | None = None
         self._watcher: NetlinkWatcher | None = None
@@ -112,14 +120,12 @@ class Coordinator:
         return report
 
     async def stop(self) -> None:
-        for prober in self._probers.values():
-            prober.stop()
+        self._stop_probers()
         tasks = [*self._tasks, *([self._apply_task] if self._apply_task else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        self._probers.clear()
         for sink in (self.events, self.mailer):
             if sink is not None:
                 await sink.drain(const.SHUTDOWN_DRAIN_S)
@@ -128,9 +134,7 @@ class Coordinator:
         """Switch to a new configuration; on any error the running one stays in force."""
         old = (self.config, self.links, self.facts, set(self.presumed_up))
         usable = self.usable()
-        for prober in self._probers.values():
-            prober.stop()
-        self._probers.clear()
+        self._stop_probers()
         self.config = config
         try:
             await self._discover()
@@ -221,13 +225,68 @@ class Coordinator:
                 link_config.name,
                 targets,
                 str(fact.address.ip),
-                planner.link_mark(self._link_id(link_config.name), self.config.mark_mask),
+                prober_mark(self.config, self._link_id(link_config.name)),
                 link_config.monitor.interval_ms,
                 link_config.monitor.timeout_ms,
                 self._on_round,
             )
             self._probers[link_config.name] = prober
             self._spawn(prober.run())
+            if self._wants_hop_latency():
+                hop_prober = HopProber(
+                    link_config.name,
+                    targets[0],
+                    str(fact.address.ip),
+                    prober_mark(self.config, self._link_id(link_config.name)),
+                    self._on_hop_latency,
+                )
+                self._hop_probers[link_config.name] = hop_prober
+                self._spawn(hop_prober.run())
+
+    def _stop_probers(self) -> None:
+        for prober in self._probers.values():
+            prober.stop()
+        for hop_prober in self._hop_probers.values():
+            hop_prober.stop()
+        self._probers.clear()
+        self._hop_probers.clear()
+
+    def _wants_hop_latency(self) -> bool:
+        rules = (*self.config.rules, self.config.default)
+        return any(rule.method is Method.LOWEST_LATENCY for rule in rules)
+
+    def _on_hop_latency(self, link: str, latency_ms: float | None) -> None:
+        self.hop_latency[link] = latency_ms
+
+    def measures(self) -> dict[str, LinkMeasure]:
+        """What the measured methods see of each link now."""
+        found = {}
+        for link_config in self.config.links:
+            rate = self.rates.rates.get(link_config.device, counters.Rate())
+            found[link_config.name] = LinkMeasure(
+                rx_bps=rate.rx_bps,
+                tx_bps=rate.tx_bps,
+                hop_latency_ms=self.hop_latency.get(link_config.name),
+            )
+        return found
+
+    def _measured_choice_changed(self) -> bool:
+        """Whether the measured methods would now pick other links than the plan in force."""
+        if self.plan is None or not self._has_measured_rules():
+            return False
+        facts = list(self.facts.values())
+        fresh = planner.plan(
+            self.config,
+            facts,
+            self.usable(),
+            measures=self.measures(),
+            previous=self.plan.choices,
+        )
+        return fresh.choices != self.plan.choices
+
+    def _has_measured_rules(self) -> bool:
+        rules = (*self.config.rules, self.config.default)
+        return any(rule.method in MEASURED_METHODS for rule in rules)
 
     def _link_id(self, name: str) -> int:
         return self._names().index(name) + 1
@@ -300,6 +359,8 @@ class Coordinator:
                 now = self.clock()
                 for device, (rx, tx) in readings.items():
                     self.rates.sample(device, rx, tx, now)
+                if self._measured_choice_changed():
+                    self._schedule()  # a map update: the measured methods pick other links
                 await asyncio.sleep(const.RATE_SAMPLE_S)
 
     async def _refresh(self) -> None:
@@ -316,6 +377,9 @@ class Coordinator:
             prober = self._probers.get(name)
             if prober is not None and fact is not None:
                 prober.update(targets=targets, source=str(fact.address.ip))
+            hop_prober = self._hop_probers.get(name)
+            if hop_prober is not None and fact is not None and targets:
+                hop_prober.update(target=targets[0], source=str(fact.address.ip))
             elif prober is None:
                 self._start_probers({name})
         self._schedule()
@@ -445,7 +509,14 @@ class Coordinator:
         usable = self.usable()
         facts = list(self.facts.values())
         found = hooks.load(self.config, facts, usable)
-        plan = planner.plan(self.config, facts, usable, found.extras)
+        plan = planner.plan(
+            self.config,
+            facts,
+            usable,
+            found.extras,
+            measures=self.measures(),
+            previous=self.plan.choices if self.plan else None,
+        )
         report = await self.datapath.apply(self.ipr, plan, found)
         self.applies += 1
         self.plan = plan

@@ -21,8 +21,11 @@ class Method(enum.StrEnum):
     FASTEST_RESPONSE = "fastest-response"
 
 
-# The methods the planner implements today; the measured four come with link measurements.
-PLANNED_METHODS = frozenset({Method.WEIGHTED, Method.PRIORITY, Method.PERSISTENCE, Method.ENFORCED})
+# The methods the planner implements today (fastest-response is still to come).
+PLANNED_METHODS = frozenset(set(Method) - {Method.FASTEST_RESPONSE})
+# The methods that choose from measured traffic or latency, and those needing link bandwidths.
+MEASURED_METHODS = frozenset({Method.OVERFLOW, Method.LEAST_USED, Method.LOWEST_LATENCY})
+BANDWIDTH_METHODS = frozenset({Method.OVERFLOW, Method.LEAST_USED})
 
 
 class HashBy(enum.StrEnum):
@@ -106,6 +109,7 @@ class Rule:
     links: tuple[str, ...] = ()  # empty: every link
     by: HashBy = HashBy.SOURCE  # persistence only
     line: int = 0
+    saturation_percent: int = const.DEFAULT_SATURATION_PERCENT  # overflow only
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,8 @@ class Plan:
     tables: tuple[int, ...]  # every routing table id uplinkd owns
     sysctls: tuple[tuple[str, str], ...] = ()
     nft_hook_lines: tuple[HookLine, ...] = field(default=())
+    # The measured methods' picks (rule name -> link name): the next plan's hysteresis input.
+    choices: dict[str, str] = field(default_factory=dict)
 
     def link(self, name: str) -> PlannedLink:
         for link in self.links:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from . import const
 from .buckets import Weighted, assign, exact_bucket_count
-from .model import Config, LinkConfig, Method, PortForward, Rule
+from .measured import LinkMeasure, choose_least_used, choose_lowest_latency, choose_overflow
+from .model import MEASURED_METHODS, Config, LinkConfig, Method, PortForward, Rule
 from .plan import (
     UNREACHABLE,
     Dispatch,
@@ -54,7 +55,12 @@ def plan(
     facts: Sequence[LinkFacts],
     up: Collection[str],
     extras: Extras = Extras(),
+    *,
+    measures: Mapping[str, LinkMeasure] | None = None,
+    previous: Mapping[str, str] | None = None,
 ) -> Plan:
+    """The plan for these facts and links up; `measures` feed the measured methods, and
+    `previous` (rule name -> link name, from the last plan's `choices`) gives their hysteresis."""
     known = {fact.name: fact for fact in facts}
     links = tuple(
         _planned_link(config, index, link_config, known[link_config.name], link_config.name in up)
@@ -63,8 +69,15 @@ def plan(
     )
     by_name = {link.name: link for link in links}
     rules = (*extras.rules, *config.rules, config.default)
+    measured = Measured(measures or {}, previous or {})
     dispatches = tuple(
-        _dispatch(config, rule, by_name, "rule_default" if rule is config.default else f"rule_{i}")
+        _dispatch(
+            config,
+            rule,
+            by_name,
+            "rule_default" if rule is config.default else f"rule_{i}",
+            measured,
+        )
         for i, rule in enumerate(rules)
     )
     lan_devices = tuple(lan.device for lan in config.lans)
@@ -91,6 +104,7 @@ def plan(
         tables=(config.table_base, *(link.table for link in links)),
         sysctls=tuple(sysctls),
         nft_hook_lines=extras.nft_lines,
+        choices=dict(measured.choices),
     )
 
 
@@ -116,13 +130,43 @@ def map_name(rule_name: str, index_name: str) -> str:
     return f"{index_name}_{re.sub(r'[^A-Za-z0-9_]', '_', rule_name)}"[:60]
 
 
+@dataclass
+class Measured:
+    """Inputs and outputs of the measured methods within one plan() call."""
+
+    measures: Mapping[str, LinkMeasure]
+    previous: Mapping[str, str]
+    choices: dict[str, str] = field(default_factory=dict)
+
+    def choose(self, config: Config, rule: Rule, live: Sequence[PlannedLink]) -> str | None:
+        candidates = [config.link(link.name) for link in live]
+        before = self.previous.get(rule.name)
+        if rule.method is Method.OVERFLOW:
+            chosen = choose_overflow(candidates, self.measures, before, rule.saturation_percent)
+        elif rule.method is Method.LEAST_USED:
+            chosen = choose_least_used(candidates, self.measures, before)
+        else:
+            chosen = choose_lowest_latency(candidates, self.measures, before)
+        if chosen is not None:
+            self.choices[rule.name] = chosen
+        return chosen
+
+
 def _dispatch(
-    config: Config, rule: Rule, links: dict[str, PlannedLink], index_name: str
+    config: Config,
+    rule: Rule,
+    links: dict[str, PlannedLink],
+    index_name: str,
+    measured: Measured,
 ) -> Dispatch:
     names = rule.links or tuple(link.name for link in config.links)
     members = [links[name] for name in names if name in links]
     live = [link for link in members if link.up]
     name = index_name if index_name == "rule_default" else map_name(rule.name, index_name)
+    if rule.method in MEASURED_METHODS:
+        chosen = measured.choose(config, rule, live)
+        target = UNREACHABLE if chosen is None else links[chosen].id
+        return Dispatch(name, rule.name, rule.match, Selector.RANDOM, (target,))
     if rule.method in (Method.PRIORITY, Method.ENFORCED):
         # A rule that lists its links gives their order; otherwise the links' priorities do.
         if rule.links:

@@ -260,7 +260,7 @@ class _TomlReader:
             f for table in self.array(data, "forward") for f in self.forward(table, names)
         )
         default, kernel, daemon = (self.sub(root, key) for key in ("default", "kernel", "daemon"))
-        self.allow(default, "method", "by", "links")
+        self.allow(default, "method", "by", "links", "saturation_percent")
         self.allow(kernel, "mark_mask", "table_base", "rule_priority")
         self.allow(daemon, "stop_removes_datapath")
         mask = self.integer(kernel, "mark_mask", const.DEFAULT_MARK_MASK)
@@ -351,7 +351,7 @@ class _TomlReader:
         """A [[rule]], or the [default] rule."""
         name, method = "default", Method.WEIGHTED.value
         if table.name == "rule":
-            self.allow(table, "name", "match", "method", "by", "links")
+            self.allow(table, "name", "match", "method", "by", "links", "saturation_percent")
             name = self.text(table, "name", f"rule{(table.element or 0) + 1}")
             check_name(name, self.at(table, "name"))
             method = self.text(table, "method")
@@ -359,8 +359,21 @@ class _TomlReader:
         if "by" in table.data and parsed is not Method.PERSISTENCE:
             raise self.at(table, "by").error("'by' applies only to method 'persistence'")
         by = parse_by(self.text(table, "by", HashBy.SOURCE.value), self.at(table, "by"))
+        if "saturation_percent" in table.data and parsed is not Method.OVERFLOW:
+            raise self.at(table, "saturation_percent").error(
+                "'saturation_percent' applies only to method 'overflow'"
+            )
+        saturation = self.integer(table, "saturation_percent", const.DEFAULT_SATURATION_PERCENT)
         match = self.match(self.sub(table, "match"))
-        rule = Rule(name, parsed, match, self.strings(table, "links"), by, self.at(table).line)
+        rule = Rule(
+            name,
+            parsed,
+            match,
+            self.strings(table, "links"),
+            by,
+            self.at(table).line,
+            saturation_percent=saturation,
+        )
         check_rule(rule, links, self.at_fn(table))
         return rule
 

@@ -17,6 +17,7 @@ from typing import Protocol
 from . import const
 from .errors import ConfigError
 from .model import (
+    BANDWIDTH_METHODS,
     PLANNED_METHODS,
     Config,
     HashBy,
@@ -261,6 +262,10 @@ def check_rule(rule: Rule, links: Sequence[str], at: AtFn) -> None:
             raise at("links", name).error(f"unknown link '{name}'; the links are {listing(links)}")
         if rule.links.count(name) > 1:
             raise at("links", name).error(f"link '{name}' is listed twice")
+    if not 1 <= rule.saturation_percent <= 100:
+        raise at("saturation_percent").error(
+            f"{rule.saturation_percent} is not a percentage of the bandwidth from 1 to 100"
+        )
     if rule.method is Method.ENFORCED and len(rule.links) != 1:
         raise at("links").error(
             f"method 'enforced' needs exactly one link in 'links' (found {len(rule.links)})"
@@ -311,6 +316,19 @@ def check_kernel(mask: int, table_base: int, rule_priority: int, links: int, at:
     check_range(rule_priority, 1, highest, at("rule_priority"))
 
 
+def _check_bandwidths(config: Config, rule: Rule, at: AtFn) -> None:
+    """Overflow and least-used compare measured use with each link's configured capacity."""
+    if rule.method not in BANDWIDTH_METHODS:
+        return
+    for link in config.links:
+        in_rule = not rule.links or link.name in rule.links
+        if in_rule and not (link.bandwidth_down_mbps or link.bandwidth_up_mbps):
+            raise at("method").error(
+                f"method '{rule.method}' compares use with capacity, but link "
+                f"'{link.name}' has no bandwidth_mbps"
+            )
+
+
 def validate(config: Config) -> None:
     """Check a whole configuration; raises ConfigError naming the first problem."""
     path = config.path
@@ -328,6 +346,7 @@ def validate(config: Config) -> None:
     for index, rule in enumerate((*config.rules, config.default)):
         at = line_at(path, rule.line, "rule" if rule is not config.default else "default")
         check_rule(rule, links, at)
+        _check_bandwidths(config, rule, at)
         if rule.match.is_empty() and index + 1 < len(config.rules):
             raise at("match").error(
                 f"rule '{rule.name}' matches all traffic, so the rules after it never match; "

@@ -284,15 +284,52 @@ def test_monitor_values() -> None:
     refused('[link.monitor]\ntimeout_ms = "fast"\n', 12, "link.monitor.timeout_ms", "integer")
 
 
-@pytest.mark.parametrize("method", ["overflow", "least-used", "lowest-latency", "fastest-response"])
-def test_planned_methods_are_refused(method: str) -> None:
+def test_fastest_response_is_refused_until_it_exists() -> None:
+    method = "fastest-response"
     refused(
         f'[[rule]]\nname = "r"\nmatch = {{ proto = "tcp" }}\nmethod = "{method}"\n',
         14,
         "rule.method",
         f"method '{method}' is not available yet in this version",
-        "available now: 'weighted', 'priority', 'persistence', 'enforced'",
+        "available now: 'weighted', 'priority', 'overflow', 'persistence', 'least-used', "
+        "'lowest-latency', 'enforced'",
     )
+
+
+@pytest.mark.parametrize("method", ["overflow", "least-used"])
+def test_bandwidth_methods_need_link_bandwidths(method: str) -> None:
+    refused(
+        f'[[rule]]\nname = "r"\nmatch = {{ proto = "tcp" }}\nmethod = "{method}"\n',
+        11,
+        "rule.method",
+        f"method '{method}' compares use with capacity, but link 'DSL' has no bandwidth_mbps",
+    )
+    with_bandwidth = BASE.replace(
+        'targets = ["1.1.1.1"]', 'targets = ["1.1.1.1"]\nbandwidth_mbps = { down = 50 }'
+    ).replace(
+        'targets = ["8.8.8.8", "9.9.9.9"]', 'targets = ["8.8.8.8"]\nbandwidth_mbps = { up = 5 }'
+    )
+    loaded = parse(
+        f'[[rule]]\nname = "r"\nmatch = {{ proto = "tcp" }}\nmethod = "{method}"\n', with_bandwidth
+    )
+    assert loaded.rules[0].method == method
+
+
+def test_saturation_percent_belongs_to_overflow() -> None:
+    rule = (
+        '[[rule]]\nname = "r"\nmatch = {{ proto = "tcp" }}\nmethod = "{}"\n'
+        "saturation_percent = {}\n"
+    )
+    refused(rule.format("weighted", 80), 15, "rule.saturation_percent", "only to method 'overflow'")
+    bandwidth = BASE.replace(
+        'targets = ["1.1.1.1"]', 'targets = ["1.1.1.1"]\nbandwidth_mbps = { down = 50 }'
+    ).replace(
+        'targets = ["8.8.8.8", "9.9.9.9"]', 'targets = ["8.8.8.8"]\nbandwidth_mbps = { down = 20 }'
+    )
+    refused(
+        rule.format("overflow", 120), 17, "rule.saturation_percent", "from 1 to 100", base=bandwidth
+    )
+    assert parse(rule.format("overflow", 75), bandwidth).rules[0].saturation_percent == 75
 
 
 def test_unknown_method_lists_the_methods() -> None:
@@ -496,8 +533,11 @@ def test_validate_checks_configs_built_in_code() -> None:
     link = LinkConfig("ISP", "eth9", weight=0, targets=(ipaddress.IPv4Address("1.1.1.1"),), line=3)
     with pytest.raises(ConfigError, match=r":3: link.weight: 0 is out of range"):
         config.validate(replace(loaded, links=(*loaded.links, link)))
-    rule = Rule("r", Method.OVERFLOW, Match(proto="tcp"), line=5)
+    rule = Rule("r", Method.FASTEST_RESPONSE, Match(proto="tcp"), line=5)
     with pytest.raises(ConfigError, match=r":5: rule.method: .*not available yet"):
+        config.validate(replace(loaded, rules=(rule,)))
+    rule = Rule("r", Method.OVERFLOW, Match(proto="tcp"), line=5)
+    with pytest.raises(ConfigError, match=r":5: rule.method: .*'DSL' has no bandwidth_mbps"):
         config.validate(replace(loaded, rules=(rule,)))
 
 
