@@ -6,6 +6,10 @@ hooks, email, listeners such as the D-Bus adapter), and, when the set of usable 
 scheduled as one apply: transitions arriving within COALESCE_S share it. After an apply, the
 conntrack entries of links that stopped being usable are forgotten, so their clients reconnect
 through a live link; flows on live links are never touched.
+
+What it drives lives beside it: the probers (probing.py), the traffic and latency measurements
+(measurements.py), the links' addresses and gateways (facts.py), where transitions are published
+(publishing.py) and the status snapshot (status.py).
 """
 
 from __future__ import annotations
@@ -13,30 +17,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from . import __version__, conntrack, const, counters, discovery, hooks, nm, planner
+from . import conntrack, const, hooks, planner, status
 from .datapath import ApplyReport, Datapath
 from .errors import UplinkdError
-from .events import EventHooks, LinkEvent
-from .hops import HopProber
+from .events import EventHooks
+from .facts import FactFinder
 from .link import Link, LinkState, Transition
 from .measured import LinkMeasure
-from .model import MEASURED_METHODS, Config, LinkConfig, Method
+from .measurements import Measurements
+from .model import Config
 from .netlink import EventKind, NetEvent, NetlinkWatcher
 from .notify import Mailer
 from .plan import LinkFacts, Plan
-from .probe import Prober, ProbeRound
-from .status import LinkStatus, Snapshot, overall
+from .probe import ProbeRound
+from .probing import Probers, probe_targets
+from .publishing import Publisher, TransitionListener
+from .status import Snapshot
 
 log = logging.getLogger("uplinkd")
 
-TransitionListener = Callable[[Transition], None]
 PlanListener = Callable[[int], None]  # called with the new generation after an apply changed it
 
 
@@ -48,19 +53,6 @@ class UnknownLinkError(UplinkdError):
 class _Pending:
     dirty: bool = False
     forget: set[str] = field(default_factory=set)  # links whose conntrack entries must go
-
-
-def prober_mark(config: Config, link_id: int) -> int:
-    return planner.link_mark(link_id, config.mark_mask)
-
-
-def probe_targets(link: LinkConfig, fact: LinkFacts | None) -> list[str]:
-    """The configured targets, else the gateway (foolsm's checkip defaulted to it as well)."""
-    if link.targets:
-        return [str(target) for target in link.targets]
-    if fact is not None and fact.gateway is not None:
-        return [str(fact.gateway)]
-    return []
 
 
 class Coordinator:
@@ -77,12 +69,11 @@ class Coordinator:
         self.config = config
         self.datapath = datapath
         self.services = tuple(services)
-        self.events = events
-        self.mailer = mailer
+        self.publisher = Publisher(events, mailer)  # transitions to listeners, hooks and email
         self.clock = clock
         self.links: dict[str, Link] = {}
         self.facts: dict[str, LinkFacts] = {}
-        self._gateways_logged: dict[str, str] = {}  # link -> its gateway and source, as logged
+        self._fact_finder = FactFinder()
         # One discovery at a time, so the last one started is the one whose facts stay; a burst
         # of events (NetworkManager's address, route and dispatcher call) starts several.
         self._discover_lock = asyncio.Lock()
@@ -90,17 +81,14 @@ class Coordinator:
         self._in_use: set[str] = set()  # the usable links as of the last transition handled
         self.generation = 0
         self.applies = 0
-        self.listeners: list[TransitionListener] = []
         self.plan_listeners: list[PlanListener] = []
         self.plan: Plan | None = None  # the last plan applied
-        self.rates = counters.RateMeter()
+        self.measurements = Measurements(clock)
         self._pending = _Pending()
         self._apply_task: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()
-        self._probers: dict[str, Prober] = {}
-        self._hop_probers: dict[str, HopProber] = {}
-        self.hop_latency: dict[str, float | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.probers = Probers(self._on_round, self.measurements.on_hop_latency, self._spawn)
         self._ipr: AsyncIPRoute | None = None
         self._watcher: NetlinkWatcher | None = None
 
@@ -115,26 +103,24 @@ class Coordinator:
         self._watcher = NetlinkWatcher([link.device for link in self.config.links], self._on_net)
         self._spawn(self._watcher.run())
         self._spawn(self._ticker())
-        self._spawn(self._measure())
-        self._start_probers()
+        self._spawn(self.measurements.sample(self._devices, self._on_sampled))
+        self.probers.start(self.config, self.facts)
         return report
 
     async def stop(self) -> None:
-        self._stop_probers()
+        self.probers.stop()
         tasks = [*self._tasks, *([self._apply_task] if self._apply_task else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        for sink in (self.events, self.mailer):
-            if sink is not None:
-                await sink.drain(const.SHUTDOWN_DRAIN_S)
+        await self.publisher.drain()
 
     async def reconfigure(self, config: Config) -> ApplyReport | None:
         """Switch to a new configuration; on any error the running one stays in force."""
         old = (self.config, self.links, self.facts, set(self.presumed_up))
         usable = self.usable()
-        self._stop_probers()
+        self.probers.stop()
         self.config = config
         try:
             await self._discover()
@@ -143,12 +129,17 @@ class Coordinator:
             report = await self._apply()
         except UplinkdError:
             self.config, self.links, self.facts, self.presumed_up = old
-            self._start_probers()
+            self.probers.start(self.config, self.facts)
             raise
         if self._watcher is not None:
             self._watcher.set_devices([link.device for link in config.links])
-        self._start_probers()
+        self.probers.start(self.config, self.facts)
         return report
+
+    @property
+    def listeners(self) -> list[TransitionListener]:
+        """Called with every transition once it is logged (the D-Bus adapter is one)."""
+        return self.publisher.listeners
 
     @property
     def ipr(self) -> AsyncIPRoute:
@@ -205,89 +196,6 @@ class Coordinator:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def _start_probers(self, only: Collection[str] | None = None) -> None:
-        """Start a prober for every link (or those in `only`) that has none and can be probed."""
-        for link_config in self.config.links:
-            if link_config.name in self._probers or (
-                only is not None and link_config.name not in only
-            ):
-                continue
-            fact = self.facts.get(link_config.name)
-            targets = probe_targets(link_config, fact)
-            if fact is None or not targets:
-                if fact is not None:
-                    log.warning(
-                        "link %s: no probe target (no targets and no gateway); judged by carrier",
-                        link_config.name,
-                    )
-                continue
-            prober = Prober(
-                link_config.name,
-                targets,
-                str(fact.address.ip),
-                prober_mark(self.config, self._link_id(link_config.name)),
-                link_config.monitor.interval_ms,
-                link_config.monitor.timeout_ms,
-                self._on_round,
-            )
-            self._probers[link_config.name] = prober
-            self._spawn(prober.run())
-            if self._wants_hop_latency():
-                hop_prober = HopProber(
-                    link_config.name,
-                    targets[0],
-                    str(fact.address.ip),
-                    prober_mark(self.config, self._link_id(link_config.name)),
-                    self._on_hop_latency,
-                )
-                self._hop_probers[link_config.name] = hop_prober
-                self._spawn(hop_prober.run())
-
-    def _stop_probers(self) -> None:
-        for prober in self._probers.values():
-            prober.stop()
-        for hop_prober in self._hop_probers.values():
-            hop_prober.stop()
-        self._probers.clear()
-        self._hop_probers.clear()
-
-    def _wants_hop_latency(self) -> bool:
-        rules = (*self.config.rules, self.config.default)
-        return any(rule.method is Method.LOWEST_LATENCY for rule in rules)
-
-    def _on_hop_latency(self, link: str, latency_ms: float | None) -> None:
-        self.hop_latency[link] = latency_ms
-
-    def measures(self) -> dict[str, LinkMeasure]:
-        """What the measured methods see of each link now."""
-        found = {}
-        for link_config in self.config.links:
-            rate = self.rates.rates.get(link_config.device, counters.Rate())
-            found[link_config.name] = LinkMeasure(
-                rx_bps=rate.rx_bps,
-                tx_bps=rate.tx_bps,
-                hop_latency_ms=self.hop_latency.get(link_config.name),
-            )
-        return found
-
-    def _measured_choice_changed(self) -> bool:
-        """Whether the measured methods would now pick other links than the plan in force."""
-        if self.plan is None or not self._has_measured_rules():
-            return False
-        facts = list(self.facts.values())
-        fresh = planner.plan(
-            self.config,
-            facts,
-            self.usable(),
-            measures=self.measures(),
-            previous=self.plan.choices,
-        )
-        return fresh.choices != self.plan.choices
-
-    def _has_measured_rules(self) -> bool:
-        rules = (*self.config.rules, self.config.default)
-        return any(rule.method in MEASURED_METHODS for rule in rules)
-
     def _link_id(self, name: str) -> int:
         return self._names().index(name) + 1
 
@@ -342,26 +250,12 @@ class Coordinator:
             for link in list(self.links.values()):
                 self._handle(link.tick(now))
 
-    async def _measure(self) -> None:
-        """Sample the links' interface counters for their traffic rates.
+    def _devices(self) -> set[str]:
+        return {link.device for link in self.config.links}
 
-        On a netlink socket of its own: the kernel refuses a second dump on a socket that is
-        still dumping (EBUSY), and discovery and applies use the coordinator's.
-        """
-        async with AsyncIPRoute() as ipr:
-            while True:
-                devices = {link.device for link in self.config.links}
-                try:
-                    readings = await counters.read(ipr, devices)
-                except (OSError, NetlinkError) as exc:
-                    log.debug("reading interface counters failed: %s", exc)
-                    readings = {}
-                now = self.clock()
-                for device, (rx, tx) in readings.items():
-                    self.rates.sample(device, rx, tx, now)
-                if self._measured_choice_changed():
-                    self._schedule()  # a map update: the measured methods pick other links
-                await asyncio.sleep(const.RATE_SAMPLE_S)
+    def _on_sampled(self) -> None:
+        if self.measurements.move_choices(self.config, self.facts, self.usable(), self.plan):
+            self._schedule()  # a map update: the measured methods pick other links
 
     async def _refresh(self) -> None:
         """Re-read addresses and gateways; probers and the plan follow the new values."""
@@ -371,46 +265,14 @@ class Coordinator:
             return
         for link_config in self.config.links:
             name = link_config.name
-            fact = self.facts.get(name)
-            targets = probe_targets(link_config, fact)
+            targets = probe_targets(link_config, self.facts.get(name))
             self.links[name].retarget(targets, link_config.reliability)
-            prober = self._probers.get(name)
-            if prober is not None and fact is not None:
-                prober.update(targets=targets, source=str(fact.address.ip))
-            hop_prober = self._hop_probers.get(name)
-            if hop_prober is not None and fact is not None and targets:
-                hop_prober.update(target=targets[0], source=str(fact.address.ip))
-            elif prober is None:
-                self._start_probers({name})
+            self.probers.follow(self.config, self.facts, name)
         self._schedule()
 
     async def _discover(self) -> None:
         async with self._discover_lock:
-            # The netlink socket is the one applies use, and the kernel refuses a second dump on
-            # a socket (EBUSY); nmcli runs outside that lock, so a slow one never delays an apply.
-            async with self._apply_lock:
-                facts, warnings = await discovery.discover(self.ipr, self.config.links)
-            for warning in warnings:
-                log.warning("%s", warning)
-            facts = await self._prefer_nm_gateways(facts)
-            self.facts = {fact.name: fact for fact in facts}
-
-    async def _prefer_nm_gateways(self, facts: list[LinkFacts]) -> list[LinkFacts]:
-        """Links without a configured gateway take NetworkManager's when it runs their device."""
-        auto = {link.name for link in self.config.links if link.gateway is None}
-        managed = await nm.device_facts(fact.device for fact in facts if fact.name in auto)
-        merged: list[LinkFacts] = []
-        for found in facts:
-            if found.name not in auto:
-                merged.append(found)
-                continue
-            fact, source = nm.prefer_gateway(found, managed.get(found.device))
-            said = f"gateway {fact.gateway}, from {source}"
-            if self._gateways_logged.get(fact.name) != said:
-                self._gateways_logged[fact.name] = said
-                log.info("link %s: %s", fact.name, said)
-            merged.append(fact)
-        return merged
+            self.facts = await self._fact_finder.find(self.ipr, self.config.links, self._apply_lock)
 
     # --- decisions to actions -------------------------------------------------------------------
 
@@ -422,6 +284,10 @@ class Coordinator:
             or (link.state is LinkState.INIT and name in self.presumed_up)
         }
 
+    def measures(self) -> dict[str, LinkMeasure]:
+        """What the measured methods see of each link now."""
+        return self.measurements.of(self.config.links)
+
     def _handle(self, transitions: Sequence[Transition], context: str = "") -> None:
         if not transitions:
             return
@@ -431,35 +297,18 @@ class Coordinator:
             log.info(
                 "link %s: %s -> %s: %s", transition.link, transition.old, transition.new, reason
             )
-            self._publish(transition)
+            self.publisher.publish(
+                transition,
+                self.config.link(transition.link),
+                self.facts.get(transition.link),
+                self.links[transition.link],
+            )
         # The machines have already moved: compare with what the last decision left in use.
         usable = self.usable()
         self._pending.forget |= self._in_use - usable
         if usable != self._in_use:
             self._in_use = usable
             self._schedule()
-
-    def _publish(self, transition: Transition) -> None:
-        for listener in self.listeners:
-            listener(transition)
-        if self.events is None and self.mailer is None:
-            return
-        event = self._link_event(transition)
-        if self.events is not None:
-            self.events.fire(event)
-        if self.mailer is not None:
-            self.mailer.notify(event)
-
-    def _link_event(self, transition: Transition) -> LinkEvent:
-        link_config = self.config.link(transition.link)
-        fact = self.facts.get(transition.link)
-        return LinkEvent.from_transition(
-            transition,
-            device=link_config.device,
-            source=str(fact.address.ip) if fact else "",
-            warn_email=link_config.monitor.warn_email,
-            stats=self.links[transition.link].stats(),
-        )
 
     def _schedule(self) -> None:
         self._pending.dirty = True
@@ -532,52 +381,16 @@ class Coordinator:
 
     def snapshot(self) -> Snapshot:
         """Everything a status display shows, as of now."""
-        usable = self.usable()
-        wall_offset = time.time() - self.clock()
-        shares = self._default_shares()
-        links = []
-        for link_config in self.config.links:
-            machine = self.links[link_config.name]
-            stats = machine.stats()
-            fact = self.facts.get(link_config.name)
-            rate = self.rates.rates.get(link_config.device, counters.Rate())
-            links.append(
-                LinkStatus(
-                    name=link_config.name,
-                    device=link_config.device,
-                    state=str(machine.state),
-                    since=machine.since + wall_offset,
-                    usable=link_config.name in usable,
-                    weight=link_config.weight,
-                    priority=link_config.priority,
-                    gateway=str(fact.gateway) if fact and fact.gateway else "",
-                    address=str(fact.address) if fact else "",
-                    latency_ms=-1.0 if stats.latency_ms is None else stats.latency_ms,
-                    loss_percent=stats.loss_percent,
-                    rx_bps=round(rate.rx_bps),
-                    tx_bps=round(rate.tx_bps),
-                    new_connection_share=shares.get(link_config.name, 0.0),
-                )
-            )
-        return Snapshot(
-            version=__version__,
-            mode=str(self.config.default.method),
+        return status.snapshot(
+            self.config,
+            self.links,
+            usable=self.usable(),
+            facts=self.facts,
+            measures=self.measures(),
+            plan=self.plan,
             generation=self.generation,
-            overall=overall(tuple(links)),
-            links=tuple(links),
+            clock=self.clock,
         )
-
-    def _default_shares(self) -> dict[str, float]:
-        """Each link's share of the default rule's buckets in the applied plan."""
-        if self.plan is None:
-            return {}
-        names = {link.id: link.name for link in self.plan.links}
-        default = self.plan.dispatches[-1]
-        return {
-            names[link_id]: default.targets.count(link_id) / default.buckets
-            for link_id in set(default.targets)
-            if link_id in names
-        }
 
     def dry_run(self) -> str:
         """What the datapath holds or is about to: the last plan as nft and ip input."""

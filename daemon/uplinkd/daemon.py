@@ -109,8 +109,8 @@ class Daemon:
         """Load the configuration again; a bad one is refused (raised) and the running one stays."""
         config = load_config(self.config_path, self.services)
         await self.coordinator.reconfigure(config)
-        if self.coordinator.mailer is not None:
-            self.coordinator.mailer.configure(config.mail)
+        if self.coordinator.publisher.mailer is not None:
+            self.coordinator.publisher.mailer.configure(config.mail)
         if self.bus is not None:
             self.bus.refresh_links()
 

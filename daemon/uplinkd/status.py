@@ -1,10 +1,21 @@
-"""What uplinkd reports about itself: plain data for the D-Bus adapter, uplinkctl and logs."""
+"""What uplinkd reports about itself: plain data for the D-Bus adapter, uplinkctl and logs, and
+how it is taken from the coordinator's state."""
 
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .link import Link
+    from .measured import LinkMeasure
+    from .model import Config
+    from .plan import LinkFacts, Plan
 
 
 class Overall(enum.StrEnum):
@@ -51,3 +62,64 @@ def overall(links: tuple[LinkStatus, ...]) -> Overall:
     if not usable:
         return Overall.OFFLINE
     return Overall.ONLINE if len(usable) == len(in_service) else Overall.DEGRADED
+
+
+def snapshot(
+    config: Config,
+    machines: Mapping[str, Link],
+    *,
+    usable: Collection[str],
+    facts: Mapping[str, LinkFacts],
+    measures: Mapping[str, LinkMeasure],
+    plan: Plan | None,
+    generation: int,
+    clock: Callable[[], float],
+) -> Snapshot:
+    """Everything a status display shows, as of now. `machines` are the links' state machines,
+    whose times come from `clock`; `measures` has every configured link."""
+    wall_offset = time.time() - clock()
+    shares = default_shares(plan)
+    links = []
+    for link_config in config.links:
+        machine = machines[link_config.name]
+        stats = machine.stats()
+        fact = facts.get(link_config.name)
+        measure = measures[link_config.name]
+        links.append(
+            LinkStatus(
+                name=link_config.name,
+                device=link_config.device,
+                state=str(machine.state),
+                since=machine.since + wall_offset,
+                usable=link_config.name in usable,
+                weight=link_config.weight,
+                priority=link_config.priority,
+                gateway=str(fact.gateway) if fact and fact.gateway else "",
+                address=str(fact.address) if fact else "",
+                latency_ms=-1.0 if stats.latency_ms is None else stats.latency_ms,
+                loss_percent=stats.loss_percent,
+                rx_bps=round(measure.rx_bps),
+                tx_bps=round(measure.tx_bps),
+                new_connection_share=shares.get(link_config.name, 0.0),
+            )
+        )
+    return Snapshot(
+        version=__version__,
+        mode=str(config.default.method),
+        generation=generation,
+        overall=overall(tuple(links)),
+        links=tuple(links),
+    )
+
+
+def default_shares(plan: Plan | None) -> dict[str, float]:
+    """Each link's share of the default rule's buckets in the applied plan."""
+    if plan is None:
+        return {}
+    names = {link.id: link.name for link in plan.links}
+    default = plan.dispatches[-1]
+    return {
+        names[link_id]: default.targets.count(link_id) / default.buckets
+        for link_id in set(default.targets)
+        if link_id in names
+    }

@@ -1,0 +1,52 @@
+"""Where the link machines' transitions go once logged: in-process listeners (the D-Bus adapter),
+event hooks and email; the last two get the link as it was at the transition."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import const
+from .events import EventHooks, LinkEvent
+from .link import Link, Transition
+from .model import LinkConfig
+from .notify import Mailer
+from .plan import LinkFacts
+
+TransitionListener = Callable[[Transition], None]
+
+
+class Publisher:
+    def __init__(self, events: EventHooks | None = None, mailer: Mailer | None = None) -> None:
+        self.listeners: list[TransitionListener] = []
+        self.events = events
+        self.mailer = mailer
+
+    def publish(
+        self,
+        transition: Transition,
+        link_config: LinkConfig,
+        fact: LinkFacts | None,
+        machine: Link,
+    ) -> None:
+        """Tell everyone; `machine` is the link's state machine, `fact` what it has if known."""
+        for listener in self.listeners:
+            listener(transition)
+        if self.events is None and self.mailer is None:
+            return
+        event = LinkEvent.from_transition(
+            transition,
+            device=link_config.device,
+            source=str(fact.address.ip) if fact else "",
+            warn_email=link_config.monitor.warn_email,
+            stats=machine.stats(),
+        )
+        if self.events is not None:
+            self.events.fire(event)
+        if self.mailer is not None:
+            self.mailer.notify(event)
+
+    async def drain(self) -> None:
+        """Give the hooks and mail still running SHUTDOWN_DRAIN_S each to finish."""
+        for sink in (self.events, self.mailer):
+            if sink is not None:
+                await sink.drain(const.SHUTDOWN_DRAIN_S)
