@@ -1,10 +1,11 @@
 """A network-namespace lab: a LAN client, the router uplinkd runs in, N ISPs and an Internet host.
 
 Used by the demo, the integration tests and the benchmarks. Every namespace it builds is named
-``<prefix>-{lan,router,isp<i>,inet}`` and has no link to the host, so the traffic it generates
-(always from inside those namespaces) can only reach addresses of the lab. ``Lab`` is a context
-manager that tears everything down, also after a half-finished setup; ``cleanup_stale()`` removes
-what a crashed run left behind (namespaces and the servers still running in them).
+``<prefix>-{lan,router,isp<i>,isp<i>h2,isp<i>h3,inet}`` and has no link to the host, so the
+traffic it generates (always from inside those namespaces) can only reach addresses of the lab.
+``Lab`` is a context manager that tears everything down, also after a half-finished setup;
+``cleanup_stale()`` removes what a crashed run left behind (namespaces and the servers and delay
+programs still running in them).
 
 Topology (i = 1..N)::
 
@@ -13,7 +14,24 @@ Topology (i = 1..N)::
     isp<i>: down 10.0.<i>.1/24, up 100.64.<i>.2/30, default via 100.64.<i>.1; masquerades what
             leaves `up` and forwards unsolicited inbound to 100.64.<i>.2 on to the router's
             10.0.<i>.2 (so port forwards can be tested from the Internet host)
-    inet: lo 203.0.113.10/32, isp<i> 100.64.<i>.1/30
+    inet: lo 203.0.113.10/32 + destinations A 203.0.113.20/32 and B .30/32, isp<i> 100.64.<i>.1/30
+
+With ``hops=True`` two more routers per ISP stand between it and the Internet host, so that
+TTL-limited probes through ISP i are answered by hop 1 10.0.<i>.1 (the ISP's box), hop 2
+100.64.<i>.1 and hop 3 100.65.<i>.1 (``hop_addresses(i)``)::
+
+    isp<i>h2: down 100.64.<i>.1/30, up 100.65.<i>.2/30, default via 100.65.<i>.1
+    isp<i>h3: down 100.65.<i>.1/30, up 100.66.<i>.2/30, default via 100.66.<i>.1
+    inet: isp<i> 100.66.<i>.1/30 instead, 100.64.<i>.0/30 routed via 100.66.<i>.2
+
+Link quality (the kernel has no netem): ``latency_ms`` and ``loss_percent`` per ISP are round-trip
+figures applied in the ISP namespace to everything it forwards (half the latency and the matching
+share of the loss each way; see ``uplinkd.labdelay``), so they show in every RTT through the ISP,
+hops 2 and 3 included, but not in pings of the ISP's own box (hop 1, like a CPE modem).
+``bandwidth_mbit`` is a tbf on both directions. ``set_destination_delay`` adds a delay to what
+destination A or B (or the Internet host) sends back through a given ISP, so that A can be
+faster via ISP1 and B via ISP2. ``uplinkd.labquality`` measures: ``ping`` (also with a TTL),
+``download`` (bulk TCP), and ``connect_many`` reports connect times.
 
 Subcommands (``python -m uplinkd.lab ...``): ``serve`` (the who-am-I server), ``connect`` (the
 client driver, prints JSON), ``wait`` (poll-connect until a server listens), ``cleanup``, ``up``.
@@ -31,27 +49,35 @@ import re
 import selectors
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, NamedTuple, Self
+from typing import Any, ClassVar, NamedTuple, Self
+
+from .labdelay import DelayProgram
+from .labquality import DelayLinks, PingReply, PingResult, Quality, Throughput, check_quality
 
 LAN_CLIENT = "192.168.10.2"
 LAN_GATEWAY = "192.168.10.1"
 LAN_SERVER = "192.168.10.35"
 INET_HOST = "203.0.113.10"
+DEST_A = "203.0.113.20"  # destinations for per-ISP delays (set_destination_delay)
+DEST_B = "203.0.113.30"
+INET_ADDRESSES = (INET_HOST, DEST_A, DEST_B)
+BULK_PORT = 5001
 DEFAULT_PORTS = (80, 443, 25, 8080)
 # Owner files (the pid of the process that built a lab) let cleanup_stale() tell a crashed run
 # from a live one running in parallel. Written before the first namespace, removed after the last.
 OWNER_DIR = Path("/run/uplinkd-lab")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_NS_RE = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,11})-(?:lan|router|inet|isp\d+)$")
+_NS_RE = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,11})-(?:lan|router|inet|isp\d+(?:h[23])?)$")
 _DEFAULT_PREFIX_RE = re.compile(r"^ul\d{1,4}(?:n\d{1,5})?$")
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _SRC_PYTHONPATH = str(Path(__file__).resolve().parent.parent)
@@ -149,6 +175,8 @@ class ConnectResult:
     errors: dict[str, int]
     elapsed_s: float
     lab: Lab | None = field(default=None, repr=False, compare=False)
+    # the same shape: how long each connect() took (SYN to SYN-ACK, ms), None if it failed
+    connect_ms: dict[str, list[float | None]] = field(default_factory=dict)
 
     @property
     def seen(self) -> dict[str, list[str]]:
@@ -161,6 +189,17 @@ class ConnectResult:
     @property
     def ok(self) -> int:
         return len(self.addresses)
+
+    def median_connect_ms(self, source: str | None = None) -> float | None:
+        """Median connect time of the successful connections (of one source, or all)."""
+        times = [
+            t
+            for src, out in self.connect_ms.items()
+            if source is None or src == source
+            for t in out
+            if t is not None
+        ]
+        return statistics.median(times) if times else None
 
     @property
     def failed(self) -> int:
@@ -210,8 +249,22 @@ class Server:
             self.proc.stderr.close()
 
 
+def _per_isp(value: float | Sequence[float | None] | None, isps: int, name: str) -> list[Any]:
+    if value is None or isinstance(value, int | float):
+        return [value] * isps
+    values = list(value)
+    if len(values) != isps:
+        raise ValueError(f"{name} needs one entry per ISP")
+    return values
+
+
 class Lab:
-    """``with Lab(isps=2, bandwidth_mbit=None) as lab:`` builds the lab and always removes it."""
+    """``with Lab(isps=2, bandwidth_mbit=None) as lab:`` builds the lab and always removes it.
+
+    Per ISP (a number for all, or a list): ``bandwidth_mbit`` (tbf), ``latency_ms`` and
+    ``loss_percent`` (round trip, by a delay program: needs the netfilterqueue module and the
+    iptables NFQUEUE target, only where non-zero); ``hops=True`` adds hops 2 and 3 per ISP.
+    """
 
     _active: ClassVar[set[str]] = set()  # prefixes of this process's labs that are set up
     _made: ClassVar[int] = 0  # labs this process has made: the second gets a distinct prefix
@@ -227,6 +280,10 @@ class Lab:
         isps: int = 2,
         bandwidth_mbit: float | Sequence[float | None] | None = None,
         prefix: str | None = None,
+        *,
+        latency_ms: float | Sequence[float] = 0.0,
+        loss_percent: float | Sequence[float] = 0.0,
+        hops: bool = False,
     ) -> None:
         if not 1 <= isps <= 250:
             raise ValueError(f"isps must be 1..250, not {isps}")
@@ -234,15 +291,21 @@ class Lab:
         if not _PREFIX_RE.match(self.prefix):
             raise ValueError(f"prefix {self.prefix!r} must match {_PREFIX_RE.pattern}")
         self.isps = isps
-        if bandwidth_mbit is None or isinstance(bandwidth_mbit, int | float):
-            self.bandwidth: list[float | None] = [bandwidth_mbit] * isps
-        else:
-            self.bandwidth = list(bandwidth_mbit)
-            if len(self.bandwidth) != isps:
-                raise ValueError("bandwidth_mbit needs one entry per ISP")
+        self.hops = hops
+        self.bandwidth: list[float | None] = _per_isp(bandwidth_mbit, isps, "bandwidth_mbit")
+        self._quality = [
+            check_quality(lat, loss)
+            for lat, loss in zip(
+                _per_isp(latency_ms, isps, "latency_ms"),
+                _per_isp(loss_percent, isps, "loss_percent"),
+                strict=True,
+            )
+        ]
         self.servers: list[Server] = []
         self._created: list[str] = []
         self._clients = 0
+        self._links = DelayLinks(self.run, lambda ns: self._python(ns, module="uplinkd.labdelay"))
+        self._dest_delay: dict[str, dict[int, float]] = {}
 
     # names and addresses
     @property
@@ -261,10 +324,25 @@ class Lab:
         self._check_isp(i)
         return f"{self.prefix}-isp{i}"
 
+    def ns_hop(self, i: int, hop: int) -> str:
+        """The namespace of hop 2 or 3 beyond ISP i (``hops=True`` only)."""
+        self._check_isp(i)
+        if not self.hops or hop not in {2, 3}:
+            raise ValueError(f"no hop {hop} namespace (hops={self.hops})")
+        return f"{self.prefix}-isp{i}h{hop}"
+
     @property
     def namespaces(self) -> list[str]:
-        isps = [f"{self.prefix}-isp{i}" for i in range(1, self.isps + 1)]
+        numbers = range(1, self.isps + 1)
+        isps = [f"{self.prefix}-isp{i}" for i in numbers]
+        if self.hops:
+            isps += [f"{self.prefix}-isp{i}h{h}" for i in numbers for h in (2, 3)]
         return [self.ns_lan, self.ns_router, *isps, self.ns_inet]
+
+    def hop_addresses(self, i: int) -> list[str]:
+        """Who answers a probe through ISP i with TTL 1, 2, 3 (just hop 1 without ``hops``)."""
+        self._check_isp(i)
+        return [f"10.0.{i}.1", f"100.64.{i}.1", f"100.65.{i}.1"][: 3 if self.hops else 1]
 
     @property
     def isp_names(self) -> list[str]:
@@ -331,13 +409,23 @@ class Lab:
         self._veth((lan, "eth0", f"{LAN_CLIENT}/24"), (router, "lan0", f"{LAN_GATEWAY}/24"))
         self._ip(lan, "addr", "add", f"{LAN_SERVER}/24", "dev", "eth0")
         self._ip(lan, "route", "add", "default", "via", LAN_GATEWAY)
-        self._ip(inet, "addr", "add", f"{INET_HOST}/32", "dev", "lo")
+        for address in INET_ADDRESSES:
+            self._ip(inet, "addr", "add", f"{address}/32", "dev", "lo")
         for i in range(1, self.isps + 1):
             isp, wan = self.ns_isp(i), self.router_wan(i)
             self._veth(
                 (router, wan.device, f"{wan.address}/24"), (isp, "down", f"{wan.gateway}/24")
             )
-            self._veth((isp, "up", f"100.64.{i}.2/30"), (inet, f"isp{i}", f"100.64.{i}.1/30"))
+            if self.hops:
+                h2, h3 = self.ns_hop(i, 2), self.ns_hop(i, 3)
+                self._veth((isp, "up", f"100.64.{i}.2/30"), (h2, "down", f"100.64.{i}.1/30"))
+                self._veth((h2, "up", f"100.65.{i}.2/30"), (h3, "down", f"100.65.{i}.1/30"))
+                self._veth((h3, "up", f"100.66.{i}.2/30"), (inet, f"isp{i}", f"100.66.{i}.1/30"))
+                self._ip(h2, "route", "add", "default", "via", f"100.65.{i}.1")
+                self._ip(h3, "route", "add", "default", "via", f"100.66.{i}.1")
+                self._ip(h3, "route", "add", f"100.64.{i}.0/30", "via", f"100.65.{i}.2")
+            else:
+                self._veth((isp, "up", f"100.64.{i}.2/30"), (inet, f"isp{i}", f"100.64.{i}.1/30"))
             self._ip(isp, "route", "add", "default", "via", f"100.64.{i}.1")
             self._inet_source(i)
             nat = f"""table ip lab {{
@@ -352,9 +440,12 @@ class Lab:
             }}"""
             self.run(isp, "nft", "-f", "-", stdin=nat)
             self.set_bandwidth(i, self.bandwidth[i - 1])
+            self._links.set_isp(isp, self._quality[i - 1])
 
     def close(self) -> None:
-        """Stop the servers and delete the namespaces; idempotent, raises LabError if any remain."""
+        """Stop the delay programs and servers, delete the namespaces; idempotent, raises LabError
+        if any namespace remains."""
+        self._links.stop()
         for server in self.servers:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 server.stop()
@@ -399,8 +490,8 @@ class Lab:
             ["ip", "netns", "exec", self._own(ns), *argv], check=check, timeout=timeout, stdin=stdin
         )
 
-    def _python(self, ns: str, *argv: str) -> list[str]:
-        env = ["env", f"PYTHONPATH={_SRC_PYTHONPATH}", sys.executable, "-m", "uplinkd.lab"]
+    def _python(self, ns: str, *argv: str, module: str = "uplinkd.lab") -> list[str]:
+        env = ["env", f"PYTHONPATH={_SRC_PYTHONPATH}", sys.executable, "-m", module]
         return ["ip", "netns", "exec", self._own(ns), *env, *argv]
 
     def add_client_addresses(self, n: int) -> list[str]:
@@ -419,17 +510,25 @@ class Lab:
         self._ip(self.ns_isp(i), "link", "set", "dev", "down", "up" if up else "down")
 
     def set_upstream(self, i: int, up: bool) -> None:
-        """Silent upstream failure of ISP i: the Internet side of its uplink goes down, the router
-        keeps carrier and its gateway still answers ARP, but nothing gets past the ISP."""
+        """Silent upstream failure of ISP i: the far side of its uplink goes down (the Internet
+        host's, or hop 2's), the router keeps carrier and its gateway still answers ARP, but
+        nothing gets past the ISP."""
         self._check_isp(i)
-        self._ip(self.ns_inet, "link", "set", "dev", f"isp{i}", "up" if up else "down")
+        state = "up" if up else "down"
+        if self.hops:
+            self._ip(self.ns_hop(i, 2), "link", "set", "dev", "down", state)
+            return
+        self._ip(self.ns_inet, "link", "set", "dev", f"isp{i}", state)
         if up:
             self._inet_source(i)
 
     def _inet_source(self, i: int) -> None:
-        # The Internet host speaks from 203.0.113.10, not from its 100.64.<i>.1 link addresses.
-        route = [f"100.64.{i}.0/30", "dev", f"isp{i}", "scope", "link", "src", INET_HOST]
-        self._ip(self.ns_inet, "route", "replace", *route)
+        # The Internet host speaks from 203.0.113.10, not from its link addresses.
+        if self.hops:
+            route = [f"100.64.{i}.0/30", "via", f"100.66.{i}.2", "dev", f"isp{i}"]
+        else:
+            route = [f"100.64.{i}.0/30", "dev", f"isp{i}", "scope", "link"]
+        self._ip(self.ns_inet, "route", "replace", *route, "src", INET_HOST)
 
     def set_bandwidth(self, i: int, mbit: float | None) -> None:
         """tbf on the egress of ISP i's ``down`` (download) and ``up`` (upload); None removes it."""
@@ -442,13 +541,110 @@ class Lab:
             tbf = ["tbf", "rate", f"{mbit:g}mbit", "burst", str(burst), "latency", "50ms"]
             self.run(isp, "tc", "qdisc", "replace", "dev", dev, "root", *tbf)
 
+    # quality
+    def quality(self, i: int) -> Quality:
+        self._check_isp(i)
+        return self._quality[i - 1]
+
+    def set_quality(
+        self, i: int, latency_ms: float | None = None, loss_percent: float | None = None
+    ) -> None:
+        """Change ISP i's round-trip latency and/or loss (None keeps it), effective for the
+        packets that reach the ISP from the moment this returns."""
+        old = self.quality(i)
+        self._quality[i - 1] = check_quality(
+            old.latency_ms if latency_ms is None else latency_ms,
+            old.loss_percent if loss_percent is None else loss_percent,
+        )
+        self._links.set_isp(self.ns_isp(i), self._quality[i - 1])
+
+    def set_destination_delay(self, address: str, delays: Mapping[int, float]) -> None:
+        """Delay what ``address`` (destination A or B, or the Internet host) sends back through
+        ISP i by ``delays[i]`` ms (RTT added); ISPs not named keep theirs (none at first)."""
+        if address not in INET_ADDRESSES:
+            raise ValueError(f"{address} is not one of the Internet host's {INET_ADDRESSES}")
+        for i, ms in delays.items():
+            self._check_isp(i)
+            check_quality(ms, 0.0)
+        for i, ms in delays.items():
+            self._links.set_return_delay(self.ns_inet, address, f"isp{i}", ms)
+            self._dest_delay.setdefault(address, {})[i] = ms
+
+    def destination_delay(self, address: str) -> dict[int, float]:
+        return {i: self._dest_delay.get(address, {}).get(i, 0.0) for i in range(1, self.isps + 1)}
+
+    @property
+    def delay_programs(self) -> dict[str, DelayProgram]:
+        """The delay programs started (one per namespace that delays anything), by namespace."""
+        return dict(self._links.programs)
+
+    def delay_stats(self, ns: str) -> dict[str, Any] | None:
+        """Packets seen, dropped and held per queue, and CPU seconds, of ``ns``'s delay program
+        (None if it has none)."""
+        program = self._links.programs.get(self._own(ns))
+        return program.stats() if program else None
+
+    def ping(  # noqa: PLR0917
+        self,
+        ns: str,
+        dst: str,
+        count: int = 1,
+        source: str | None = None,
+        ttl: int = 64,
+        interval: float = 0.01,
+        timeout: float = 1.0,
+    ) -> PingResult:
+        """``count`` ICMP echo requests from inside ``ns``, ``interval`` apart, each with ``ttl``
+        (a TTL-limited probe's answer is the hop's time-exceeded); waits ``timeout`` s after the
+        last. ``source`` selects the source address (and so, with a rule, the link)."""
+        argv = ["ping", "--dst", dst, "--count", str(count), "--ttl", str(ttl)]
+        argv += ["--interval", str(interval), "--timeout", str(timeout)]
+        if source:
+            argv += ["--source", source]
+        bound = count * interval + timeout + 15.0
+        out = _cmd(self._python(ns, *argv, module="uplinkd.labquality"), timeout=bound).stdout
+        return PingResult([None if r is None else PingReply(**r) for r in json.loads(out)])
+
+    def start_bulk_server(self, ns: str, address: str, port: int = BULK_PORT) -> Server:
+        """A server sending zeros to every client as fast as it takes them (for ``download``)."""
+        argv = ["bulk", "--address", address, "--port", str(port)]
+        return self._start(
+            ns, self._python(ns, *argv, module="uplinkd.labquality"), address, [port]
+        )
+
+    def download(  # noqa: PLR0917
+        self,
+        ns: str,
+        dst: str,
+        port: int = BULK_PORT,
+        seconds: float = 2.0,
+        warmup: float = 0.5,
+        source: str | None = None,
+    ) -> Throughput:
+        """Receive from a bulk server for ``warmup + seconds``; the rate after the warm-up."""
+        argv = ["download", "--dst", dst, "--port", str(port), "--seconds", str(seconds)]
+        argv += ["--warmup", str(warmup)]
+        if source:
+            argv += ["--source", source]
+        bound = seconds + warmup + 15.0
+        out = _cmd(self._python(ns, *argv, module="uplinkd.labquality"), timeout=bound).stdout
+        return Throughput(**json.loads(out))
+
+    # servers
     def start_server(
         self, ns: str, address: str, ports: Sequence[int] = DEFAULT_PORTS, timeout: float = 5.0
     ) -> Server:
         """Start a who-am-I server and wait (poll-connect from inside ``ns``) until it listens."""
         portlist = ",".join(str(p) for p in ports)
+        argv = self._python(ns, "serve", "--address", address, "--ports", portlist)
+        return self._start(ns, argv, address, ports, timeout)
+
+    def _start(
+        self, ns: str, argv: list[str], address: str, ports: Sequence[int], timeout: float = 5.0
+    ) -> Server:
+        portlist = ",".join(str(p) for p in ports)
         proc = subprocess.Popen(
-            self._python(ns, "serve", "--address", address, "--ports", portlist),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -489,7 +685,9 @@ class Lab:
             argv += ["--sources", ",".join(sources)]
         proc = _cmd(self._python(ns, *argv), timeout=total + 15.0)
         data = json.loads(proc.stdout)
-        return ConnectResult(data["results"], data["errors"], data["elapsed_s"], lab=self)
+        return ConnectResult(
+            data["results"], data["errors"], data["elapsed_s"], self, data["connect_ms"]
+        )
 
 
 # The programs run inside the namespaces.
@@ -528,7 +726,9 @@ def _error_kind(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
-def _connect_once(dst: str, port: int, source: str | None, timeout: float) -> str:
+def _connect_once(
+    dst: str, port: int, source: str | None, timeout: float, took: list[float]
+) -> str:
     end = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # An RST on close: no TIME_WAIT, so thousands of connections never run out of ports.
@@ -537,7 +737,9 @@ def _connect_once(dst: str, port: int, source: str | None, timeout: float) -> st
             sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
         sock.settimeout(timeout)
+        start = time.monotonic()
         sock.connect((dst, port))
+        took.append((time.monotonic() - start) * 1000.0)
         data = b""
         while not data.endswith(b"\n"):
             sock.settimeout(max(0.001, end - time.monotonic()))
@@ -556,22 +758,27 @@ def connect(
     start = time.monotonic()
     keys = list(sources) or ["default"]
     results: dict[str, list[str | None]] = {k: [] for k in keys}
+    times: dict[str, list[float | None]] = {k: [] for k in keys}
     errors: Counter[str] = Counter()
     for _ in range(count):
         for key in keys:
             left = start + deadline - time.monotonic()
             seen: str | None = None
+            took: list[float] = []
             if left <= 0:
                 errors["deadline"] += 1
             else:
                 try:
-                    seen = _connect_once(dst, port, key if sources else None, min(timeout, left))
+                    src = key if sources else None
+                    seen = _connect_once(dst, port, src, min(timeout, left), took)
                 except OSError as exc:
                     errors[_error_kind(exc)] += 1
                 except ValueError:
                     errors["garbled"] += 1
             results[key].append(seen)
-    return {"results": results, "errors": dict(errors), "elapsed_s": time.monotonic() - start}
+            times[key].append(took[0] if seen is not None else None)
+    elapsed = time.monotonic() - start
+    return {"results": results, "errors": dict(errors), "elapsed_s": elapsed, "connect_ms": times}
 
 
 def wait_listening(address: str, ports: Sequence[int], timeout: float) -> bool:
@@ -585,6 +792,11 @@ def wait_listening(address: str, ports: Sequence[int], timeout: float) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def _floats(text: str) -> float | list[float]:
+    values = [float(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -611,6 +823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("up", help="build a lab with servers and hold it until interrupted")
     p.add_argument("--isps", type=int, default=2)
     p.add_argument("--bandwidth-mbit", type=float)
+    each = "round trip: one for all ISPs, or a comma-separated one each"
+    p.add_argument("--latency-ms", type=_floats, default=0.0, help=each)
+    p.add_argument("--loss-percent", type=_floats, default=0.0, help=each)
+    p.add_argument("--hops", action="store_true", help="hops 2 and 3 beyond each ISP")
     p.add_argument("--prefix")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
@@ -623,7 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "cleanup":
         print("\n".join(cleanup_stale(args.prefix, force=args.force)))
     else:
-        with Lab(args.isps, args.bandwidth_mbit, args.prefix) as lab:
+        quality = {"latency_ms": args.latency_ms, "loss_percent": args.loss_percent}
+        with Lab(args.isps, args.bandwidth_mbit, args.prefix, hops=args.hops, **quality) as lab:
             lab.start_server(lab.ns_inet, INET_HOST)
             print("namespaces:", " ".join(lab.namespaces), "- Ctrl-C removes them", flush=True)
             signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -26,6 +26,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import random
 import select
@@ -72,7 +73,7 @@ def per_direction_loss(round_trip_percent: float) -> float:
     crossing once, fail together with ``round_trip_percent``: 1 - (1 - q)^2 = p."""
     if not 0 <= round_trip_percent <= 100:
         raise ValueError(f"loss must be 0..100 %, not {round_trip_percent}")
-    return 100.0 * (1.0 - (1.0 - round_trip_percent / 100.0) ** 0.5)
+    return 100.0 * (1.0 - math.sqrt(1.0 - round_trip_percent / 100.0))
 
 
 # The program.
@@ -82,12 +83,15 @@ class _Queue:
     delay_s: float
     loss: float  # probability 0..1
     nfq: NetfilterQueue
+    owner: _Delayer
     held: collections.deque[tuple[float, Packet]] = field(default_factory=collections.deque)
     packets: int = 0
     dropped: int = 0
     max_held: int = 0
 
     def on_packet(self, pkt: Packet) -> None:
+        # Releasing here too: under a steady stream nfq.run() may not return for a while.
+        now = self.owner.release(time.monotonic())
         self.packets += 1
         if self.loss and random.random() < self.loss:  # noqa: S311 (emulation, not crypto)
             self.dropped += 1
@@ -95,7 +99,7 @@ class _Queue:
         elif self.delay_s <= 0 and not self.held:
             pkt.accept()
         else:
-            self.held.append((time.monotonic() + self.delay_s, pkt))
+            self.held.append((now + self.delay_s, pkt))
             self.max_held = max(self.max_held, len(self.held))
 
     def release(self, now: float) -> float | None:
@@ -120,6 +124,7 @@ class _Delayer:
     def __init__(self) -> None:
         self.queues: dict[int, _Queue] = {}
         self.by_fd: dict[int, _Queue] = {}
+        self.next_due: float | None = None
 
     def set_queue(self, number: int, delay_ms: float, loss_percent: float) -> None:
         if delay_ms < 0 or not 0 <= loss_percent <= 100:
@@ -129,11 +134,17 @@ class _Delayer:
             from netfilterqueue import NetfilterQueue  # noqa: PLC0415 (see unsupported())
 
             nfq = NetfilterQueue()
-            queue = _Queue(number, delay_ms / 1000.0, loss_percent / 100.0, nfq)
+            queue = _Queue(number, delay_ms / 1000.0, loss_percent / 100.0, nfq, self)
             nfq.bind(number, queue.on_packet, max_len=MAX_HELD, mode=_COPY_META)
             self.queues[number] = queue
             self.by_fd[nfq.get_fd()] = queue
         queue.delay_s, queue.loss = delay_ms / 1000.0, loss_percent / 100.0
+
+    def release(self, now: float) -> float:
+        """Accept what is due in every queue; return ``now``. Sets ``next_due``."""
+        due = [t for q in self.queues.values() if (t := q.release(now)) is not None]
+        self.next_due = min(due) if due else None
+        return now
 
     def stats(self) -> dict[str, Any]:
         cpu = os.times()
@@ -158,9 +169,8 @@ class _Delayer:
         """Serve the queues and the commands on fd ``control`` until it reaches end of input."""
         pending = b""
         while True:
-            now = time.monotonic()
-            due = [t for q in self.queues.values() if (t := q.release(now)) is not None]
-            timeout = max(0.0, min(due) - now) if due else None
+            now = self.release(time.monotonic())
+            timeout = None if self.next_due is None else max(0.0, self.next_due - now)
             # select, not poll/epoll: microsecond timeouts (those round up to a millisecond).
             ready, _, _ = select.select([control, *self.by_fd], [], [], timeout)
             for fd in ready:
@@ -207,11 +217,13 @@ class DelayProgram:
         )
         try:
             line = self._line(timeout)
-            if line != "ready":
-                raise DelayError(f"delay program did not start: {line or self._stderr()}")
         except BaseException:
             self.stop()
             raise
+        if line != "ready":
+            message = line or self._stderr()
+            self.stop()
+            raise DelayError(f"delay program did not start: {message}")
 
     @property
     def running(self) -> bool:
@@ -239,7 +251,8 @@ class DelayProgram:
         return self._line(timeout)
 
     def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
+        if self.proc.stdout is None:
+            raise DelayError("delay program has no stdout")
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buffer:
@@ -254,8 +267,10 @@ class DelayProgram:
         return line.decode().strip()
 
     def _stderr(self) -> str:
-        if self.running or self.proc.stderr is None:
-            return "(still running)"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(1.0)  # its stdout ended: it is exiting
+        if self.running or self.proc.stderr is None or self.proc.stderr.closed:
+            return "(no error output)"
         return self.proc.stderr.read().decode(errors="replace").strip()
 
     def stop(self) -> None:
