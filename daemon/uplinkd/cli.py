@@ -12,7 +12,7 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 
 from . import __version__, const
-from .backends import get_backend
+from .backends import BACKEND_NAMES, get_backend
 from .daemon import Daemon, load_config, prepare
 from .datapath import Datapath
 from .errors import ConfigError, HookError, UplinkdError
@@ -62,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
         default="all",
         help="with -d: print only the nftables or only the ip -batch part",
     )
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        help="netfilter backend, overriding the configuration's `backend` (auto: nftables "
+        "wherever libnftables works, else legacy iptables)",
+    )
     p.add_argument("--no-dbus", action="store_true", help="daemon: do not use the system bus")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"uplinkd {__version__}")
@@ -72,13 +78,14 @@ async def _dry_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.services)
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
-    sys.stdout.write(Datapath(get_backend(config.backend)).render(prepared.plan, args.part))
+    backend = get_backend(args.backend or config.backend)
+    sys.stdout.write(Datapath(backend).render(prepared.plan, args.part))
     return 0
 
 
 async def _once(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.services)
-    datapath = Datapath(get_backend(config.backend))
+    datapath = Datapath(get_backend(args.backend or config.backend))
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
         report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
@@ -89,8 +96,8 @@ async def _once(args: argparse.Namespace) -> int:
 
 async def _stop(args: argparse.Namespace) -> int:
     # Stopping must work even when the configuration is gone or broken.
-    backend_name = "nftables"
-    if args.config.exists():
+    backend_name = args.backend or "nftables"
+    if args.config.exists() and not args.backend:
         try:
             backend_name = load_config(args.config).backend
         except ConfigError as exc:
@@ -109,7 +116,10 @@ async def _run(args: argparse.Namespace) -> int:
         return await _once(args)
     if args.stop:
         return await _stop(args)
-    await Daemon(args.config, args.services, dbus=not args.no_dbus).run()
+    daemon = Daemon(args.config, args.services, dbus=not args.no_dbus)
+    if args.backend:  # the coordinator shares this datapath, so it applies with this backend
+        daemon.datapath.backend = get_backend(args.backend)
+    await daemon.run()
     return 0
 
 

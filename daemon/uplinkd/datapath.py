@@ -79,8 +79,12 @@ class Datapath:
         if part == "ip":
             return ip_batch
         settings = "".join(f"#   {k.replace('/', '.')} = {v}\n" for k, v in plan.sysctls)
+        feed = {
+            "iptables": "iptables-legacy-restore --noflush",
+        }.get(self.backend.name, "nft -f")
         return (
-            "# ===== nftables: feed to `nft -f` (or: uplinkd -d --part nft | nft -f -) =====\n"
+            f"# ===== {self.backend.name}: feed to `{feed}` "
+            f"(or: uplinkd -d --part nft | {feed} -) =====\n"
             + nft
             + "\n# ===== policy routing: feed to `ip -batch` "
             "(or: uplinkd -d --part ip | ip -batch -) =====\n"

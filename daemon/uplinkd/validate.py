@@ -32,7 +32,7 @@ from .model import (
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 FORWARD_PROTOCOLS = ("tcp", "udp")
-BACKENDS = ("nftables", "iptables")
+BACKENDS = ("nftables", "iptables", "auto")
 MONITOR_KEYS = tuple(f.name for f in fields(Monitor))
 # Lowest and highest value of each numeric Monitor key (None: no upper bound).
 MONITOR_LIMITS: Mapping[str, tuple[int, int | None]] = {
