@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The two quick-start commands (run as root on Debian 12):
+# The quick-start commands (run as root on Debian 12):
 #   ./quickstart.sh demo   build the namespace lab, run uplinkd in it, show how connections shared
 #   ./quickstart.sh test   ruff, mypy and the test suite (integration tests need root)
-# Both install what they need first: Debian packages (once) and a virtualenv in .venv.
+#   ./quickstart.sh bench  the benchmarks (tests/bench/): README tables + results/latest.json
+# Each installs what it needs first: Debian packages (once) and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEBS=(nftables libnftables1 iproute2 conntrack iptables dbus procps python3-venv
-      meson ninja-build groff-base)
+      meson ninja-build groff-base
+      libnetfilter-queue-dev build-essential python3-dev)
+# libnetfilter-queue-dev, a compiler and the Python headers build NetfilterQueue (the lab's delay
+# link: latency and loss without netem). The compiler also builds python-iptables' small C wrapper
+# (the legacy iptables backend), which loads libip4tc, libip6tc and libxtables from `iptables`.
 # network-manager is not installed here: on a router it would start managing interfaces. CI
 # installs it (without starting it) for the NetworkManager test, which skips where it is absent.
 VENV=${UPLINKD_VENV:-.venv}
@@ -57,8 +62,12 @@ case "${1:-}" in
         "$VENV/bin/mypy"
         exec "$VENV/bin/pytest" "${@:2}"
         ;;
+    bench)
+        need_root; install_debs; install_venv
+        exec "$VENV/bin/python" -m tests.bench "${@:2}"
+        ;;
     *)
-        echo "usage: $0 demo|test [args...]" >&2
+        echo "usage: $0 demo|test|bench [args...]" >&2
         exit 2
         ;;
 esac

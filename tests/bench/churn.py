@@ -55,9 +55,69 @@ def _kind(code: int) -> str:
     }.get(code, errno.errorcode.get(code, str(code)))
 
 
+class Churn:
+    """The attempts in flight and the selector that drives them."""
+
+    def __init__(self, dst: str, port: int, timeout: float) -> None:
+        self.dst, self.port, self.timeout = dst, port, timeout
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(sys.stdin, selectors.EVENT_READ, None)
+        self.in_flight: dict[socket.socket, Attempt] = {}
+        self.attempts = 0
+        self.stdin_closed = False
+
+    def start(self) -> None:
+        if len(self.in_flight) >= MAX_IN_FLIGHT:
+            return
+        attempt = _start(self.dst, self.port, self.timeout)
+        self.in_flight[attempt.sock] = attempt
+        self.sel.register(attempt.sock, selectors.EVENT_WRITE, attempt)
+        self.attempts += 1
+        if attempt.error:
+            self.finish(attempt, _kind(attempt.error))
+
+    def finish(self, attempt: Attempt, outcome: str) -> None:
+        self.sel.unregister(attempt.sock)
+        attempt.sock.close()
+        del self.in_flight[attempt.sock]
+        sys.stdout.write(f"{attempt.start:.6f} {time.monotonic():.6f} {outcome}\n")
+
+    def poll(self, until: float) -> None:
+        """Handle what happens before `until` (or the next deadline in flight)."""
+        deadlines = [a.deadline for a in self.in_flight.values()]
+        wait = min([until, *deadlines]) - time.monotonic()
+        for key, _ in self.sel.select(max(0.0, wait)):
+            if key.data is None:
+                self.stdin_closed = not sys.stdin.readline()  # EOF: the orchestrator is gone
+            else:
+                self._progress(key.data)
+        now = time.monotonic()
+        for attempt in [a for a in self.in_flight.values() if a.deadline <= now]:
+            self.finish(attempt, "timeout")
+        sys.stdout.flush()
+
+    def _progress(self, attempt: Attempt) -> None:
+        if not attempt.connected:
+            code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self.finish(attempt, _kind(code))
+            else:
+                attempt.connected = True
+                self.sel.modify(attempt.sock, selectors.EVENT_READ, attempt)
+            return
+        try:
+            chunk = attempt.sock.recv(64)
+        except OSError as exc:
+            self.finish(attempt, _kind(exc.errno or 0))
+            return
+        attempt.data += chunk
+        if chunk and not attempt.data.endswith(b"\n"):
+            return
+        text = attempt.data.decode(errors="replace").strip()
+        self.finish(attempt, text if chunk and text else "garbled")
+
+
 def run(dst: str, port: int, interval: float, timeout: float, max_seconds: float) -> int:
-    sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ, None)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -65,66 +125,21 @@ def run(dst: str, port: int, interval: float, timeout: float, max_seconds: float
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
-    out = sys.stdout
+    churn = Churn(dst, port, timeout)
     begin = time.monotonic()
     next_start = begin
-    in_flight: dict[socket.socket, Attempt] = {}
-    attempts = 0
-
-    def finish(attempt: Attempt, outcome: str) -> None:
-        sel.unregister(attempt.sock)
-        attempt.sock.close()
-        del in_flight[attempt.sock]
-        out.write(f"{attempt.start:.6f} {time.monotonic():.6f} {outcome}\n")
-
-    while not stopping and time.monotonic() - begin < max_seconds:
+    while not stopping and not churn.stdin_closed and time.monotonic() - begin < max_seconds:
         now = time.monotonic()
         if now >= next_start:
-            if len(in_flight) < MAX_IN_FLIGHT:
-                attempt = _start(dst, port, timeout)
-                in_flight[attempt.sock] = attempt
-                sel.register(attempt.sock, selectors.EVENT_WRITE, attempt)
-                attempts += 1
-                if attempt.error:
-                    finish(attempt, _kind(attempt.error))
+            churn.start()
             next_start += interval
-            if next_start < now:  # late (a slow tick): skip, never burst
+            if next_start < now:  # a late tick (a slow loop) is skipped, never caught up
                 next_start = now + interval
-        wait = next_start - time.monotonic()
-        if in_flight:
-            wait = min(wait, min(a.deadline for a in in_flight.values()) - time.monotonic())
-        for key, _ in sel.select(max(0.0, wait)):
-            if key.data is None:  # stdin: EOF means the orchestrator is gone
-                if not sys.stdin.readline():
-                    stopping = True
-                continue
-            attempt = key.data
-            if not attempt.connected:
-                code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code:
-                    finish(attempt, _kind(code))
-                    continue
-                attempt.connected = True
-                sel.modify(attempt.sock, selectors.EVENT_READ, attempt)
-                continue
-            try:
-                chunk = attempt.sock.recv(64)
-            except OSError as exc:
-                finish(attempt, _kind(exc.errno or 0))
-                continue
-            attempt.data += chunk
-            if chunk and not attempt.data.endswith(b"\n"):
-                continue
-            text = attempt.data.decode(errors="replace").strip()
-            finish(attempt, text if chunk and text else "garbled")
-        now = time.monotonic()
-        for attempt in [a for a in in_flight.values() if a.deadline <= now]:
-            finish(attempt, "timeout")
-        out.flush()
-    for attempt in list(in_flight.values()):
-        finish(attempt, "stopped")
-    out.write(f"# attempts {attempts}\n")
-    out.flush()
+        churn.poll(next_start)
+    for attempt in list(churn.in_flight.values()):
+        churn.finish(attempt, "stopped")
+    sys.stdout.write(f"# attempts {churn.attempts}\n")
+    sys.stdout.flush()
     return 0
 
 

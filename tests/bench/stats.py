@@ -27,15 +27,18 @@ def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
 
 
-def summary(values: Sequence[float]) -> dict[str, float]:
-    """median, p5, p95, min, max and the count: the shape every figure is reported in."""
+def summary(values: Sequence[float]) -> dict[str, float | None]:
+    """median, p5, p95, min, max and the count: the shape every figure is reported in (None
+    for each but the count when there are no values, so the JSON stays valid)."""
+    if not values:
+        return {"n": 0, "median": None, "p5": None, "p95": None, "min": None, "max": None}
     return {
         "n": len(values),
         "median": median(values),
         "p5": percentile(values, 5),
         "p95": percentile(values, 95),
-        "min": min(values) if values else math.nan,
-        "max": max(values) if values else math.nan,
+        "min": min(values),
+        "max": max(values),
     }
 
 
@@ -76,9 +79,9 @@ def chi_square(observed: Sequence[int], weights: Sequence[float]) -> tuple[float
     return statistic, chi2_sf(statistic, len(observed) - 1)
 
 
-def fmt_ms(seconds: float) -> str:
+def fmt_ms(seconds: float | None) -> str:
     """Seconds as a readable duration: ms below 10 s, seconds above."""
-    if math.isnan(seconds):
+    if seconds is None:
         return "n/a"
     if seconds < 10:
         return f"{seconds * 1000:.0f} ms"

@@ -1,0 +1,174 @@
+"""The README's benchmark tables (markdown), rendered from the results JSON alone.
+
+`python -m tests.bench --report tests/bench/results/latest.json` renders them again without
+running anything, so the README's tables can always be traced to the raw figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .stats import fmt_ms
+
+FAULT_NAMES = {"carrier": "carrier loss", "silent": "silent upstream failure"}
+MONITOR_NAMES = {
+    "uplinkd": "uplinkd defaults",
+    "foolsm": "foolsm's defaults",
+    "mwan3": "mwan3's defaults (model)",
+}
+# The issue's targets: failover with uplinkd's defaults, judged on the p95; overhead on the median.
+FAILOVER_TARGETS_S = {"carrier": 0.100, "silent": 1.0}
+OVERHEAD_TARGET = 0.95
+
+
+def _pair(figures: dict[str, float], fmt: Any = fmt_ms) -> str:
+    return f"{fmt(figures['median'])} / {fmt(figures['p95'])}"
+
+
+def _count(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _counts(figures: dict[str, float]) -> str:
+    return f"{_count(figures['median'])} / {_count(figures['p95'])}"
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    rows = ["| target | measured | met |", "|---|---|---|"]
+    summary = results.get("failover", {}).get("summary", {})
+    for fault, limit in FAILOVER_TARGETS_S.items():
+        figures = summary.get(f"uplinkd/{fault}")
+        if figures is None:
+            continue
+        failover = figures["failover_s"]
+        met = "yes" if failover["p95"] < limit else "**no**"
+        rows.append(
+            f"| {FAULT_NAMES[fault]}, uplinkd defaults: failover under {fmt_ms(limit)} (p95)"
+            f" | median {fmt_ms(failover['median'])}, p95 {fmt_ms(failover['p95'])} | {met} |"
+        )
+    overhead = results.get("overhead")
+    if overhead:
+        for figure, name in (
+            ("bits_per_second", "throughput"),
+            ("connections_per_second", "connection rate"),
+        ):
+            ratio = overhead[figure]["ratio"]
+            met = "yes" if ratio["median"] >= OVERHEAD_TARGET else "**no**"
+            rows.append(
+                f"| datapath {name}: uplinkd / plain >= {OVERHEAD_TARGET} (median)"
+                f" | {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f}) | {met} |"
+            )
+    return rows
+
+
+def failover(results: dict[str, Any]) -> list[str]:
+    summary = results["summary"]
+    rows = [
+        "| probe settings | fault | trials | failover | failed attempts | daemon saw it"
+        " | recovery | failed attempts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, figures in summary.items():
+        monitor, fault = key.split("/")
+        trials = f"{figures['trials'] - figures['failed_trials']}/{figures['trials']}"
+        rows.append(
+            f"| {MONITOR_NAMES[monitor]} | {FAULT_NAMES[fault]} | {trials}"
+            f" | {_pair(figures['failover_s'])} | {_counts(figures['failed_failover'])}"
+            f" | {_pair(figures['detected_s'])} | {_pair(figures['recovery_s'])}"
+            f" | {_counts(figures['failed_recovery'])} |"
+        )
+    return rows
+
+
+def apply_latency(results: dict[str, Any]) -> list[str]:
+    rows = [
+        "| links x rules | plan | apply (map rewrite) | n | full build | rebuild | n"
+        " | start to first apply | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size, figures in results.items():
+        links, rules = size.split("x")
+        rows.append(
+            f"| {links} x {rules} | {_pair(figures['plan_s'])} | {_pair(figures['apply_s'])}"
+            f" | {figures['apply_s']['n']} | {fmt_ms(figures['raw']['first_full_s'])}"
+            f" | {_pair(figures['rebuild_s'])} | {figures['rebuild_s']['n']}"
+            f" | {_pair(figures['start_s'])} | {figures['start_s']['n']} |"
+        )
+    return rows
+
+
+def balance(results: dict[str, Any]) -> list[str]:
+    rows = [
+        "| weights | connections | shares (configured) | max deviation | chi-square p |",
+        "|---|---|---|---|---|",
+    ]
+    for name, figures in results.items():
+        shares = ", ".join(
+            f"{100 * s:.2f} % ({100 * e:.2f} %)"
+            for s, e in zip(figures["shares"], figures["expected"], strict=True)
+        )
+        rows.append(
+            f"| {name} | {figures['succeeded']} of {figures['connections']} | {shares}"
+            f" | {figures['max_deviation_points']:.2f} points | {figures['p_value']:.3f} |"
+        )
+    return rows
+
+
+def overhead(results: dict[str, Any]) -> list[str]:
+    rows = [
+        "| figure | uplinkd (median) | plain routing + masquerade (median)"
+        " | ratio: median (min-max) over pairs |",
+        "|---|---|---|---|",
+    ]
+    for figure, name, scale, unit in (
+        ("bits_per_second", "bulk TCP throughput, one flow", 1e9, "{:.2f} Gbit/s"),
+        ("connections_per_second", "new connections, sequential", 1, "{:.0f} /s"),
+    ):
+        data = results[figure]
+        ratio = data["ratio"]
+        rows.append(
+            f"| {name} | {unit.format(data['uplinkd']['median'] / scale)}"
+            f" | {unit.format(data['plain']['median'] / scale)}"
+            f" | {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f}), n = {ratio['n']} |"
+        )
+    return rows
+
+
+def footprint(results: dict[str, Any]) -> list[str]:
+    rows = [
+        "| links | probe rounds/s | CPU (% of one core) | RSS | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for figures in results.values():
+        rows.append(
+            f"| {figures['links']} | {figures['probe_rounds_per_s']:.0f}"
+            f" | {figures['cpu_percent']:.1f} % | {figures['rss_mib']:.1f} MiB"
+            f" | {figures['peak_rss_mib']:.1f} MiB |"
+        )
+    return rows
+
+
+SECTIONS = {
+    "failover": ("Failover and recovery (median / p95)", failover),
+    "apply": ("Apply latency (median / p95)", apply_latency),
+    "balance": ("Balance accuracy", balance),
+    "overhead": ("Datapath overhead", overhead),
+    "footprint": ("Footprint", footprint),
+}
+
+
+def render(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    lines = [
+        f"Run {meta.get('date', '?')} on {meta.get('cpu', '?')} ({meta.get('cores', '?')} cores),"
+        f" Linux {meta.get('kernel', '?')}, Python {meta.get('python', '?')},"
+        f" uplinkd {meta.get('uplinkd', '?')} ({meta.get('commit', '?')});"
+        f" {meta.get('duration_s', 0) / 60:.1f} min; load average before/after:"
+        f" {meta.get('load_before', '?')} / {meta.get('load_after', '?')}.",
+        "",
+        *targets(results),
+    ]
+    for key, (title, table) in SECTIONS.items():
+        if key in results:
+            lines += ["", f"**{title}**", "", *table(results[key])]
+    return "\n".join(lines) + "\n"
