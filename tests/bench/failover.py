@@ -22,8 +22,10 @@ Per trial: failover = the end of that first ISP2 success - t_fault; failed attem
 started in [t_fault, the start of that success) that did not succeed (timed out, reset,
 unreachable: anything but the server's answer within 300 ms); recovery and its failed attempts
 likewise from t_repair; `late_failures`, failures between the failover and the repair (0 unless
-something is wrong); `detected_s` / `recovered_s`, when the daemon logged the link's
-`up -> down` / `down -> up` (its decision, before the apply).
+something is wrong; `failure_kinds` counts every failure of the trial by kind, and
+`last_late_s` is when the last late one started); `detected_s` / `recovered_s`, when the daemon
+logged the link's `up -> down` / `down -> up` (its decision, before the apply); `forgot_s`, when
+it logged forgetting the link's tracked connections (after the apply).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import random
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TypeVar
@@ -72,14 +75,19 @@ class Trial:
     recovery_s: float | None = None
     failed_recovery: int | None = None
     late_failures: int | None = None
+    last_late_s: float | None = None
+    forgot_s: float | None = None
     detected_s: float | None = None
     recovered_s: float | None = None
     fault_call_s: float | None = None
     attempts: int = 0
+    failure_kinds: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
 
-FIGURES = [f.name for f in fields(Trial) if f.name not in ("monitor", "fault", "error")]
+FIGURES = [
+    f.name for f in fields(Trial) if f.name not in ("monitor", "fault", "failure_kinds", "error")
+]
 
 
 def _require(value: T | None, failure: str) -> T:
@@ -110,7 +118,11 @@ def analyse(trial: Trial, records: list[Record], t_fault: float, t_repair: float
     back = _require(first_success(records, "ISP1", t_repair), "no ISP1 success in the records")
     trial.failover_s = over.end - t_fault
     trial.failed_failover = sum(not r.ok for r in records if t_fault <= r.start < over.start)
-    trial.late_failures = sum(not r.ok for r in records if over.start <= r.start < t_repair)
+    late = [r for r in records if over.start <= r.start < t_repair and not r.ok]
+    trial.late_failures = len(late)
+    trial.last_late_s = max((r.start - t_fault for r in late), default=None)
+    failures = [r.outcome for r in records if not r.ok and t_fault <= r.start < back.start]
+    trial.failure_kinds = dict(Counter(failures))
     trial.recovery_s = back.end - t_repair
     trial.failed_recovery = sum(not r.ok for r in records if t_repair <= r.start < back.start)
     trial.attempts = len(records)
@@ -125,6 +137,7 @@ def one_fault(lab: Lab, daemon: Daemon, trial: Trial) -> None:
         warm = client.wait_for(lambda r: r.isp == "ISP1" and next(via_isp1) >= 10, 10)
         _require(warm, "the client never got through ISP1")
         detected = _stamp(daemon, "link ISP1: up -> down", interval * 13 + 10)
+        forgot = _stamp(daemon, "link ISP1: forgot", interval * 13 + 20)
         time.sleep(_phase.uniform(0, interval))
         t_fault = time.monotonic()
         break_link(lab, False)
@@ -142,6 +155,7 @@ def one_fault(lab: Lab, daemon: Daemon, trial: Trial) -> None:
         time.sleep(0.2)
         analyse(trial, client.stop(), t_fault, t_repair)
         trial.detected_s = _since(detected(), t_fault)
+        trial.forgot_s = _since(forgot(), t_fault)
         trial.recovered_s = _since(recovered(), t_repair)
     finally:
         client.stop()

@@ -10,7 +10,8 @@ from typing import Any
 
 from .stats import fmt_ms
 
-FAULT_NAMES = {"carrier": "carrier loss", "silent": "silent upstream failure"}
+# Rows come in these orders (the JSON's keys are sorted, so its order is not the run's).
+FAULT_NAMES = {"silent": "silent upstream failure", "carrier": "carrier loss"}
 MONITOR_NAMES = {
     "uplinkd": "uplinkd defaults",
     "foolsm": "foolsm's defaults",
@@ -68,7 +69,8 @@ def failover(results: dict[str, Any]) -> list[str]:
         " | recovery | failed attempts |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, figures in summary.items():
+    order = [f"{m}/{f}" for m in MONITOR_NAMES for f in FAULT_NAMES]
+    for key, figures in sorted(summary.items(), key=lambda item: order.index(item[0])):
         monitor, fault = key.split("/")
         trials = f"{figures['trials'] - figures['failed_trials']}/{figures['trials']}"
         rows.append(
@@ -86,8 +88,12 @@ def apply_latency(results: dict[str, Any]) -> list[str]:
         " | start to first apply | n |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, figures in results.items():
-        links, rules = size.split("x")
+
+    def size(item: tuple[str, Any]) -> tuple[int, ...]:
+        return tuple(int(n) for n in item[0].split("x"))
+
+    for name, figures in sorted(results.items(), key=size):
+        links, rules = name.split("x")
         rows.append(
             f"| {links} x {rules} | {_pair(figures['plan_s'])} | {_pair(figures['apply_s'])}"
             f" | {figures['apply_s']['n']} | {fmt_ms(figures['raw']['first_full_s'])}"
@@ -102,7 +108,7 @@ def balance(results: dict[str, Any]) -> list[str]:
         "| weights | connections | shares (configured) | max deviation | chi-square p |",
         "|---|---|---|---|---|",
     ]
-    for name, figures in results.items():
+    for name, figures in sorted(results.items()):
         shares = ", ".join(
             f"{100 * s:.2f} % ({100 * e:.2f} %)"
             for s, e in zip(figures["shares"], figures["expected"], strict=True)
@@ -139,7 +145,7 @@ def footprint(results: dict[str, Any]) -> list[str]:
         "| links | probe rounds/s | CPU (% of one core) | RSS | peak RSS |",
         "|---|---|---|---|---|",
     ]
-    for figures in results.values():
+    for figures in sorted(results.values(), key=lambda figures: int(figures["links"])):
         rows.append(
             f"| {figures['links']} | {figures['probe_rounds_per_s']:.0f}"
             f" | {figures['cpu_percent']:.1f} % | {figures['rss_mib']:.1f} MiB"
