@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
 
-from . import __version__, const
+from . import __version__, conntrack, const
 from .backends import BACKEND_NAMES, get_backend
 from .daemon import Daemon, load_config, prepare
 from .datapath import Datapath
-from .errors import ConfigError, HookError, UplinkdError
+from .errors import ApplyError, ConfigError, HookError, UplinkdError
 
 log = logging.getLogger("uplinkd")
 
@@ -89,9 +89,21 @@ async def _once(args: argparse.Namespace) -> int:
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
         report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
+    # Like the daemon on a down transition: connections tracked with a down link's mark would
+    # keep following it (and a new connection reusing such an entry's ports would too).
+    forgotten = True
+    for link in prepared.plan.links:
+        if not link.up:
+            try:
+                count = await conntrack.forget_mark(link.mark, prepared.plan.mark_mask)
+            except ApplyError as exc:
+                log.error("link %s is down: %s", link.name, exc)
+                forgotten = False
+            else:
+                log.info("link %s is down: forgot %d tracked connections", link.name, count)
     up = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
     log.info("applied with links up: %s (%s)", up, report.describe())
-    return EXIT_FAILURE if report.failed_commands else 0
+    return EXIT_FAILURE if report.failed_commands or not forgotten else 0
 
 
 async def _stop(args: argparse.Namespace) -> int:

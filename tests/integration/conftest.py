@@ -113,6 +113,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1)
     return predicate()
 
 
+def tracked_marks(lab: Lab, port: int = 80) -> dict[int, int]:
+    """How many TCP connections to `port` the router's conntrack table holds, per mark."""
+    listed = lab.run(lab.ns_router, "conntrack", "-L", "-p", "tcp", "--dport", str(port))
+    marks: dict[int, int] = {}
+    for line in listed.stdout.splitlines():
+        mark = next((int(f[5:]) for f in line.split() if f.startswith("mark=")), 0)
+        marks[mark] = marks.get(mark, 0) + 1
+    return marks
+
+
 class Uplinkd:
     """Runs the uplinkd command line inside the lab's router namespace."""
 

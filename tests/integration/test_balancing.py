@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from uplinkd.lab import INET_HOST, LAN_SERVER, Lab
 
-from .conftest import TWO_LINKS, Uplinkd, needs_root
+from .conftest import TWO_LINKS, Uplinkd, needs_root, tracked_marks
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -56,9 +56,14 @@ mode=failover
 def test_failover_mode_uses_preferred_link_then_the_next(lab2: Lab, uplinkd: Uplinkd) -> None:
     config = uplinkd.write_config(BALANCE_CONF_FAILOVER, "balance.conf")
     uplinkd.run(config, "--once")
+    lab2.run(lab2.ns_router, "conntrack", "-F")  # earlier tests' connections
     result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 200)
     assert result.counts_by_isp() == {"ISP1": 0, "ISP2": 200}  # DSL (weight 2) on wan2
+    marks = tracked_marks(lab2)  # the closed connections stay tracked for 10 s
+    assert len(marks) == 1 and sum(marks.values()) >= 200, marks
     uplinkd.run(config, "--once", "CABLE")  # like load_balance.pl CABLE: DSL marked down
+    # DSL's entries are forgotten: a new connection reusing one's ports would follow DSL.
+    assert set(tracked_marks(lab2)).isdisjoint(marks)
     result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 200)
     assert result.counts_by_isp() == {"ISP1": 200, "ISP2": 0}
 
