@@ -23,6 +23,7 @@ import asyncio
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from typing import Final
 
 from .errors import ApplyError
@@ -35,9 +36,12 @@ TIMEOUT_S: Final = 30.0
 DELETED = re.compile(r"(\d+) flow entries have been deleted")
 
 
-def command(mark: int, mask: int, netns: str | None = None) -> list[str]:
-    """The argv that deletes every entry whose mark & mask == mark (in `netns` if given)."""
-    argv = [CONNTRACK, "-D", "-m", f"{mark:#x}/{mask:#x}"]
+def command(
+    mark: int, mask: int, netns: str | None = None, filters: Sequence[str] = ()
+) -> list[str]:
+    """The argv that deletes every entry whose mark & mask == mark and that matches the
+    conntrack `filters` (in `netns` if given)."""
+    argv = [CONNTRACK, "-D", *filters, "-m", f"{mark:#x}/{mask:#x}"]
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
@@ -53,8 +57,18 @@ def deleted_count(returncode: int, stderr: str) -> int:
     raise ApplyError(f"conntrack could not delete the entries: {reason}")
 
 
-async def forget_mark(mark: int, mask: int, *, netns: str | None = None) -> int:
-    """Delete every conntrack entry whose mark & mask == mark; return how many were deleted.
+async def forget_unanswered(address: str, port: int, mark: int, mask: int) -> int:
+    """Delete the TCP connections to address:port still waiting for an answer (SYN_SENT) via
+    the link of `mark`, so that the client's next SYN is classified afresh; return the count."""
+    filters = ["-p", "tcp", "-d", address, "--dport", str(port), "--state", "SYN_SENT"]
+    return await forget_mark(mark, mask, filters=filters)
+
+
+async def forget_mark(
+    mark: int, mask: int, *, netns: str | None = None, filters: Sequence[str] = ()
+) -> int:
+    """Delete every conntrack entry whose mark & mask == mark (and that matches the conntrack
+    `filters`); return how many were deleted.
 
     Entries with other marks are untouched. Never blocks the event loop.
     """
@@ -64,7 +78,7 @@ async def forget_mark(mark: int, mask: int, *, netns: str | None = None) -> int:
         raise ApplyError(
             "the conntrack command is missing: install the conntrack package (conntrack-tools)"
         )
-    argv = command(mark, mask, netns)
+    argv = command(mark, mask, netns, filters)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -81,8 +95,6 @@ async def forget_mark(mark: int, mask: int, *, netns: str | None = None) -> int:
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise ApplyError(
-            f"conntrack -D -m {mark:#x}/{mask:#x} timed out after {TIMEOUT_S:g} s"
-        ) from None
+        raise ApplyError(f"{' '.join(argv)} timed out after {TIMEOUT_S:g} s") from None
     returncode = proc.returncode if proc.returncode is not None else -1
     return deleted_count(returncode, stderr.decode(errors="replace"))

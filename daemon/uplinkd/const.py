@@ -80,3 +80,16 @@ LATENCY_MARGIN_MS: Final = 5.0
 LATENCY_MARGIN_RATIO: Final = 0.2
 # Default saturation threshold of the overflow method, in percent of the configured bandwidth.
 DEFAULT_SATURATION_PERCENT: Final = 90
+# Fastest-response: how long a destination keeps the link that won its race (a rule may change
+# it with cache_seconds), and the bounds of that key.
+DEFAULT_FASTEST_CACHE_S: Final = 600
+FASTEST_CACHE_RANGE_S: Final = (10, 86_400)
+# A destination waiting for its race is not reported again for this long: it bounds how often
+# the daemon races one destination when no link answers it.
+FASTEST_PENDING_S: Final = 10
+# A race that has no answer from any link after this long is given up (and retried only after
+# FASTEST_PENDING_S).
+FASTEST_RACE_TIMEOUT_S: Final = 3.0
+# NFLOG group through which the kernel reports new destinations of fastest-response rules.
+FASTEST_NFLOG_GROUP: Final = 21301
+FASTEST_LOG_PREFIX: Final = "uplinkd-fr "

@@ -28,6 +28,7 @@ from .datapath import ApplyReport, Datapath
 from .errors import UplinkdError
 from .events import EventHooks
 from .facts import FactFinder
+from .fastest import FastestResponse
 from .link import Link, LinkState, Transition
 from .measured import LinkMeasure
 from .measurements import Measurements
@@ -91,6 +92,7 @@ class Coordinator:
         self.probers = Probers(self._on_round, self.measurements.on_hop_latency, self._spawn)
         self._ipr: AsyncIPRoute | None = None
         self._watcher: NetlinkWatcher | None = None
+        self.fastest = FastestResponse(datapath.backend, self._spawn, clock=clock)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class Coordinator:
 
     async def stop(self) -> None:
         self.probers.stop()
+        self.fastest.close()
         tasks = [*self._tasks, *([self._apply_task] if self._apply_task else [])]
         for task in tasks:
             task.cancel()
@@ -369,6 +372,7 @@ class Coordinator:
         report = await self.datapath.apply(self.ipr, plan, found)
         self.applies += 1
         self.plan = plan
+        self.fastest.on_apply(plan, report.netfilter)
         if report.changed:
             self.generation += 1
             for listener in self.plan_listeners:

@@ -21,8 +21,6 @@ class Method(enum.StrEnum):
     FASTEST_RESPONSE = "fastest-response"
 
 
-# The methods the planner implements today (fastest-response is still to come).
-PLANNED_METHODS = frozenset(set(Method) - {Method.FASTEST_RESPONSE})
 # The methods that choose from measured traffic or latency, and those needing link bandwidths.
 MEASURED_METHODS = frozenset({Method.OVERFLOW, Method.LEAST_USED, Method.LOWEST_LATENCY})
 BANDWIDTH_METHODS = frozenset({Method.OVERFLOW, Method.LEAST_USED})
@@ -110,6 +108,7 @@ class Rule:
     by: HashBy = HashBy.SOURCE  # persistence only
     line: int = 0
     saturation_percent: int = const.DEFAULT_SATURATION_PERCENT  # overflow only
+    cache_seconds: int = const.DEFAULT_FASTEST_CACHE_S  # fastest-response only
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,14 @@ class Dispatch:
     selector: Selector
     targets: tuple[int, ...]  # per bucket: link id, or UNREACHABLE
     seed: int = 0
+    # fastest-response: destinations are raced and the winner kept this many seconds; the
+    # buckets are the fallback for a destination not learned yet (None: other methods).
+    cache_s: int | None = None
+
+    @property
+    def live(self) -> frozenset[int]:
+        """The ids of the rule's links in use now (every one owns at least one bucket)."""
+        return frozenset(self.targets) - {UNREACHABLE}
 
     @property
     def buckets(self) -> int:

@@ -188,7 +188,8 @@ def _dispatch(
     targets = tuple(UNREACHABLE if owner is None else owner for owner in owners)
     # Each rule hashes with its own seed, so two persistence rules do not pair the same flows.
     hash_seed = int.from_bytes(hashlib.blake2b(rule.name.encode(), digest_size=4).digest(), "big")
-    return Dispatch(name, rule.name, rule.match, selector, targets, seed=hash_seed)
+    learned = rule.cache_seconds if rule.method is Method.FASTEST_RESPONSE else None
+    return Dispatch(name, rule.name, rule.match, selector, targets, seed=hash_seed, cache_s=learned)
 
 
 def _routes(config: Config, links: Sequence[PlannedLink]) -> list[RouteSpec]:

@@ -172,6 +172,7 @@ class _Table(NamedTuple):
 
 _LINK_KEYS = ("name", "device", "gateway", "weight", "priority", "targets", "reliability")
 _LINK_KEYS_MORE = ("bandwidth_mbps", "nat", "monitor")
+RULE_KEYS = ("name", "match", "method", "by", "links", "saturation_percent", "cache_seconds")
 _FIREWALL_KEYS = ("enabled", "forwarding_groups", "ssh_from_lan", "icmp_rate_per_second")
 
 
@@ -260,7 +261,7 @@ class _TomlReader:
             f for table in self.array(data, "forward") for f in self.forward(table, names)
         )
         default, kernel, daemon = (self.sub(root, key) for key in ("default", "kernel", "daemon"))
-        self.allow(default, "method", "by", "links", "saturation_percent")
+        self.allow(default, *RULE_KEYS[2:])
         self.allow(kernel, "mark_mask", "table_base", "rule_priority")
         self.allow(daemon, "stop_removes_datapath")
         mask = self.integer(kernel, "mark_mask", const.DEFAULT_MARK_MASK)
@@ -351,7 +352,7 @@ class _TomlReader:
         """A [[rule]], or the [default] rule."""
         name, method = "default", Method.WEIGHTED.value
         if table.name == "rule":
-            self.allow(table, "name", "match", "method", "by", "links", "saturation_percent")
+            self.allow(table, *RULE_KEYS)
             name = self.text(table, "name", f"rule{(table.element or 0) + 1}")
             check_name(name, self.at(table, "name"))
             method = self.text(table, "method")
@@ -364,6 +365,11 @@ class _TomlReader:
                 "'saturation_percent' applies only to method 'overflow'"
             )
         saturation = self.integer(table, "saturation_percent", const.DEFAULT_SATURATION_PERCENT)
+        if "cache_seconds" in table.data and parsed is not Method.FASTEST_RESPONSE:
+            raise self.at(table, "cache_seconds").error(
+                "'cache_seconds' applies only to method 'fastest-response'"
+            )
+        cache = self.integer(table, "cache_seconds", const.DEFAULT_FASTEST_CACHE_S)
         match = self.match(self.sub(table, "match"))
         rule = Rule(
             name,
@@ -373,6 +379,7 @@ class _TomlReader:
             by,
             self.at(table).line,
             saturation_percent=saturation,
+            cache_seconds=cache,
         )
         check_rule(rule, links, self.at_fn(table))
         return rule

@@ -18,7 +18,6 @@ from . import const
 from .errors import ConfigError
 from .model import (
     BANDWIDTH_METHODS,
-    PLANNED_METHODS,
     Config,
     HashBy,
     LinkConfig,
@@ -163,11 +162,6 @@ def parse_method(text: str, at: At) -> Method:
         raise at.error(
             f"unknown method '{text}'; the methods are {listing(m.value for m in Method)}"
         ) from None
-    if method not in PLANNED_METHODS:
-        available = listing(m.value for m in Method if m in PLANNED_METHODS)
-        raise at.error(
-            f"method '{text}' is not available yet in this version; available now: {available}"
-        )
     return method
 
 
@@ -265,6 +259,16 @@ def check_rule(rule: Rule, links: Sequence[str], at: AtFn) -> None:
     if not 1 <= rule.saturation_percent <= 100:
         raise at("saturation_percent").error(
             f"{rule.saturation_percent} is not a percentage of the bandwidth from 1 to 100"
+        )
+    low, high = const.FASTEST_CACHE_RANGE_S
+    if not low <= rule.cache_seconds <= high:
+        raise at("cache_seconds").error(
+            f"{rule.cache_seconds} is not a number of seconds from {low} to {high}"
+        )
+    if rule.method is Method.FASTEST_RESPONSE and rule.match.proto not in (None, "tcp"):
+        raise at("match.proto").error(
+            "method 'fastest-response' races TCP connections to learn a destination's link; "
+            f"a rule for {rule.match.proto} alone would never learn one"
         )
     if rule.method is Method.ENFORCED and len(rule.links) != 1:
         raise at("links").error(
@@ -369,11 +373,25 @@ def validate(config: Config) -> None:
     check_mail(config.mail, line_at(path, 0, "mail"))
     kernel = line_at(path, 0, "kernel")
     check_kernel(config.mark_mask, config.table_base, config.rule_priority, len(links), kernel)
+    _check_backend(config)
+
+
+def _check_backend(config: Config) -> None:
     if config.backend not in BACKENDS:
         allowed = listing(BACKENDS)
-        raise At(path, 0, "backend").error(
+        raise At(config.path, 0, "backend").error(
             f"unknown backend '{config.backend}'; allowed: {allowed}"
         )
+    for rule in (*config.rules, config.default):
+        if rule.method is Method.FASTEST_RESPONSE and config.backend == "iptables":
+            where = "rule" if rule in config.rules else "default"
+            raise At(config.path, rule.line, f"{where}.method").error(FASTEST_NEEDS_NFTABLES)
+
+
+FASTEST_NEEDS_NFTABLES = (
+    "method 'fastest-response' needs backend 'nftables': the destinations it learns live in an "
+    "nftables map with timeouts, which iptables has no equivalent for"
+)
 
 
 def _check_unique(config: Config) -> None:

@@ -17,7 +17,7 @@ import pytest
 from uplinkd import planner
 from uplinkd.backends import iptables, nftables
 from uplinkd.backends.iptables import IptablesBackend, iptables_nft_tables, refuse_mark
-from uplinkd.errors import ApplyError, HookError
+from uplinkd.errors import ApplyError, BackendUnavailableError, HookError
 from uplinkd.model import (
     Firewall,
     HashBy,
@@ -417,3 +417,41 @@ def test_iptables_rule_arguments_become_python_iptables_calls() -> None:
         ("target", "CONNMARK", "restore-mark", ""),
         ("target", "UPLINKD-1-L1", "goto"),
     ]
+
+
+# --- fastest-response -----------------------------------------------------------------------------
+
+
+def fastest() -> Plan:
+    web = Rule("web", Method.FASTEST_RESPONSE, Match(proto="tcp"), cache_seconds=120)
+    cfg = config({"ISP1": 1, "ISP2": 3}, rules=(web,))
+    return planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
+
+
+def test_fastest_response_learns_in_nftables_before_its_weighted_buckets() -> None:
+    plan = fastest()
+    web = plan.dispatches[0]
+    assert (web.cache_s, web.selector, web.buckets, web.live) == (120, Selector.RANDOM, 12, {1, 2})
+    assert plan.dispatches[1].cache_s is None  # the default rule
+    text = nftables.render(plan)
+    assert re.search(
+        r"map fr_rule_0_web \{\n\t\ttype ipv4_addr : verdict\n\t\tflags timeout\n", text
+    )
+    assert re.search(
+        r"set frp_rule_0_web \{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 10s\n",
+        text,
+    )
+    classify = text[text.index("chain classify") :].splitlines()[1:4]
+    assert [line.strip() for line in classify] == [
+        "meta l4proto tcp ip daddr vmap @fr_rule_0_web",
+        "meta l4proto tcp ip daddr != @frp_rule_0_web add @frp_rule_0_web "
+        '{ ip daddr } log prefix "uplinkd-fr rule_0_web" group 21301',
+        "meta l4proto tcp numgen random mod 12 vmap @rule_0_web",
+    ]
+    weighted_web = replace(plan, dispatches=(replace(web, cache_s=None), *plan.dispatches[1:]))
+    assert nftables.structure_digest(plan) != nftables.structure_digest(weighted_web)
+
+
+def test_iptables_refuses_fastest_response() -> None:
+    with pytest.raises(BackendUnavailableError, match="rule web: method 'fastest-response' needs"):
+        iptables.render(fastest())

@@ -284,15 +284,36 @@ def test_monitor_values() -> None:
     refused('[link.monitor]\ntimeout_ms = "fast"\n', 12, "link.monitor.timeout_ms", "integer")
 
 
-def test_fastest_response_is_refused_until_it_exists() -> None:
-    method = "fastest-response"
+def test_fastest_response_and_its_cache_seconds() -> None:
+    rule = '[[rule]]\nname = "web"\nmatch = { proto = "tcp", dport = 443 }\n'
+    loaded = parse(rule + 'method = "fastest-response"\n')
+    assert (loaded.rules[0].method, loaded.rules[0].cache_seconds) == (Method.FASTEST_RESPONSE, 600)
+    loaded = parse('[default]\nmethod = "fastest-response"\ncache_seconds = 120\n')
+    assert loaded.default.cache_seconds == 120
     refused(
-        f'[[rule]]\nname = "r"\nmatch = {{ proto = "tcp" }}\nmethod = "{method}"\n',
-        14,
+        rule + 'method = "fastest-response"\ncache_seconds = 5\n',
+        15,
+        "rule.cache_seconds",
+        "5 is not a number of seconds from 10 to 86400",
+    )
+    refused(
+        rule + 'method = "weighted"\ncache_seconds = 60\n',
+        15,
+        "rule.cache_seconds",
+        "'cache_seconds' applies only to method 'fastest-response'",
+    )
+    refused(
+        rule + 'method = "fastest-response"\n',
+        12,
         "rule.method",
-        f"method '{method}' is not available yet in this version",
-        "available now: 'weighted', 'priority', 'overflow', 'persistence', 'least-used', "
-        "'lowest-latency', 'enforced'",
+        "method 'fastest-response' needs backend 'nftables'",
+        base='backend = "iptables"\n' + BASE,
+    )
+    refused(
+        '[[rule]]\nname = "dns"\nmatch = { proto = "udp" }\nmethod = "fastest-response"\n',
+        13,
+        "rule.match.proto",
+        "races TCP connections to learn a destination's link; a rule for udp alone would never",
     )
 
 
@@ -534,8 +555,8 @@ def test_validate_checks_configs_built_in_code() -> None:
     with pytest.raises(ConfigError, match=r":3: link.weight: 0 is out of range"):
         config.validate(replace(loaded, links=(*loaded.links, link)))
     rule = Rule("r", Method.FASTEST_RESPONSE, Match(proto="tcp"), line=5)
-    with pytest.raises(ConfigError, match=r":5: rule.method: .*not available yet"):
-        config.validate(replace(loaded, rules=(rule,)))
+    with pytest.raises(ConfigError, match=r":5: rule.method: .*needs backend 'nftables'"):
+        config.validate(replace(loaded, rules=(rule,), backend="iptables"))
     rule = Rule("r", Method.OVERFLOW, Match(proto="tcp"), line=5)
     with pytest.raises(ConfigError, match=r":5: rule.method: .*'DSL' has no bandwidth_mbps"):
         config.validate(replace(loaded, rules=(rule,)))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Protocol
 
 from ..plan import Plan
@@ -23,6 +25,14 @@ class AppliedState:
     maps: dict[str, tuple[int, ...]] = field(default_factory=dict)  # map name -> per bucket link id
     link_names: dict[int, str] = field(default_factory=dict)  # link id -> name
     up_links: frozenset[int] = frozenset()  # ids of the links that were up when it was applied
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A destination fastest-response learned: the link that answered first, for how long."""
+
+    link: int  # link id
+    seconds: float  # left before the kernel forgets it
 
 
 class Backend(Protocol):
@@ -45,6 +55,12 @@ class Backend(Protocol):
 
     def read_back(self) -> AppliedState | None:
         """What uplinkd's ruleset in the kernel currently holds; None if there is none."""
+
+    def learn(
+        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+    ) -> None:
+        """Add destinations to a fastest-response rule's learned map (with replace: make them
+        its whole content); ApplyError if the kernel refuses."""
 
     def remove(self) -> bool:
         """Remove everything this backend added; True if there was something to remove."""

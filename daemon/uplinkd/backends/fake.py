@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from ipaddress import IPv4Address
+
 from ..plan import Plan
-from .base import AppliedState, ApplyKind
+from .base import AppliedState, ApplyKind, Learned
 from .nftables import map_targets, structure_digest, up_link_ids
 
 
@@ -13,6 +16,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.state: AppliedState | None = None
         self.applies: list[ApplyKind] = []
+        self.learned: dict[str, dict[IPv4Address, Learned]] = {}
 
     def check_available(self) -> None:
         return None
@@ -45,6 +49,13 @@ class FakeBackend:
 
     def read_back(self) -> AppliedState | None:
         return self.state
+
+    def learn(
+        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+    ) -> None:
+        if replace:
+            self.learned[dispatch] = {}
+        self.learned.setdefault(dispatch, {}).update(entries)
 
     def remove(self) -> bool:
         had = self.state is not None

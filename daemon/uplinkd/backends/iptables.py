@@ -38,8 +38,9 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
 from itertools import product
 from typing import Any
 
@@ -48,7 +49,8 @@ from ..errors import ApplyError, BackendUnavailableError, HookError
 from ..model import Match, Nat, PortRange
 from ..nftlib import Nft, NftError
 from ..plan import UNREACHABLE, Dispatch, Plan, Selector
-from .base import AppliedState, ApplyKind
+from ..validate import FASTEST_NEEDS_NFTABLES
+from .base import AppliedState, ApplyKind, Learned
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,9 @@ def _filter(rs: Ruleset, plan: Plan) -> None:
 
 
 def build(plan: Plan, state: str = "uplinkd") -> Ruleset:
+    for dispatch in plan.dispatches:
+        if dispatch.cache_s is not None:
+            raise BackendUnavailableError(f"rule {dispatch.rule}: {FASTEST_NEEDS_NFTABLES}")
     rs = Ruleset()
     _mangle(rs, plan)
     rs.jump("mangle", "PREROUTING", "PRE", state)
@@ -602,6 +607,11 @@ class IptablesBackend:
                     chain.insert_rule(jump, 0)
             self._delete(table, lambda other: other != gen)
             table.commit()
+
+    def learn(
+        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+    ) -> None:
+        raise BackendUnavailableError(FASTEST_NEEDS_NFTABLES)
 
     def remove(self) -> bool:
         try:

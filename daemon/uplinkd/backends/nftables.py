@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from ipaddress import IPv4Address
 from typing import Any
 
 from .. import const
@@ -17,7 +18,7 @@ from ..errors import ApplyError, HookError
 from ..model import Match, Nat
 from ..nftlib import Nft, NftError
 from ..plan import UNREACHABLE, Dispatch, HookLine, Plan, PlannedLink, Selector
-from .base import AppliedState, ApplyKind
+from .base import AppliedState, ApplyKind, Learned
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,19 @@ _STATE_SET = "uplinkd_state"
 # the structure digest lives in the comment of this empty set instead.
 _DIGEST_PREFIX = "uplinkd structure="
 _NAME_SET_PREFIX = "name_of_link_"
+# fastest-response: per rule, the destinations learned (address -> link chain, with a timeout)
+# and those reported to the daemon and waiting for their race.
+_LEARNED_PREFIX = "fr_"
+_PENDING_PREFIX = "frp_"
+
+
+def learned_map(dispatch_name: str) -> str:
+    return _LEARNED_PREFIX + dispatch_name
+
+
+def log_prefix(dispatch_name: str) -> str:
+    """The NFLOG prefix of a rule's new destinations; fastest.py reads the rule back from it."""
+    return const.FASTEST_LOG_PREFIX + dispatch_name
 
 
 def _set(items: Sequence[str]) -> str:
@@ -129,8 +143,31 @@ def _classify(plan: Plan) -> str:
     lines = []
     for dispatch in plan.dispatches:
         match = render_match(dispatch.match)
+        if dispatch.cache_s is not None:
+            # A learned destination goes to its race's winner; a new one (TCP: what the daemon
+            # races) is reported once per FASTEST_PENDING_S and meanwhile uses the buckets.
+            pending = f"@{_PENDING_PREFIX}{dispatch.name}"
+            lines.append(f"{match} ip daddr vmap @{learned_map(dispatch.name)}".strip())
+            report = f'log prefix "{log_prefix(dispatch.name)}" group {const.FASTEST_NFLOG_GROUP}'
+            tcp = "" if dispatch.match.proto == "tcp" else "meta l4proto tcp "
+            lines.append(
+                f"{match} {tcp}ip daddr != {pending} add {pending} {{ ip daddr }} {report}".strip()
+            )
         lines.append(f"{match} {_selector(dispatch)} vmap @{dispatch.name}".strip())
     return _chain("classify", [], lines)
+
+
+def _learning_sets(dispatch: Dispatch) -> list[str]:
+    if dispatch.cache_s is None:
+        return []
+    comment = f'comment "rule {dispatch.rule}: destinations'
+    return [
+        f"\tmap {learned_map(dispatch.name)} {{\n\t\ttype ipv4_addr : verdict\n"
+        f'\t\tflags timeout\n\t\t{comment} and the link that answered first"\n\t}}',
+        f"\tset {_PENDING_PREFIX}{dispatch.name} {{\n\t\ttype ipv4_addr\n"
+        f"\t\tflags dynamic,timeout\n\t\ttimeout {const.FASTEST_PENDING_S}s\n"
+        f'\t\t{comment} waiting for their race"\n\t}}',
+    ]
 
 
 def _chain(name: str, header: list[str], rules: list[str]) -> str:
@@ -248,9 +285,11 @@ def _table_body(plan: Plan) -> str:
         f'\tmap {d.name} {{\n\t\ttypeof {_map_type(d)} : verdict\n\t\tcomment "rule {d.rule}"\n\t}}'
         for d in plan.dispatches
     ]
+    learning = [text for d in plan.dispatches for text in _learning_sets(d)]
     parts = [
         *names,
         *maps,
+        *learning,
         *_mark_chains(plan),
         _classify(plan),
         _prerouting(plan),
@@ -366,7 +405,8 @@ class NftablesBackend:
                     "comment", ""
                 )
             nft_map = item.get("map")
-            if nft_map and nft_map.get("map") == "verdict":
+            learned = nft_map and nft_map.get("name", "").startswith(_LEARNED_PREFIX)
+            if nft_map and nft_map.get("map") == "verdict" and not learned:
                 maps[nft_map["name"]] = _targets(nft_map.get("elem", []))
         return AppliedState(structure, maps, names, up)
 
@@ -388,6 +428,27 @@ class NftablesBackend:
             return ApplyKind.NONE
         self._run(_element_commands(plan, changed, flush=True), plan)
         return ApplyKind.MAPS
+
+    def learn(
+        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+    ) -> None:
+        name = learned_map(dispatch)
+        items = ", ".join(
+            f"{address} timeout {max(1, round(entry.seconds))}s : goto {_link_chain(entry.link)}"
+            for address, entry in entries.items()
+        )
+        add = f"add element {TABLE} {name} {{ {items} }}\n" if entries else ""
+        try:
+            if replace:
+                self.nft.run(f"flush map {TABLE} {name}\n{add}")
+            elif add:
+                try:
+                    self.nft.run(add)
+                except NftError:  # an address still there with another link: replace it
+                    keys = ", ".join(str(address) for address in entries)
+                    self.nft.run(f"delete element {TABLE} {name} {{ {keys} }}\n{add}")
+        except NftError as exc:
+            raise ApplyError(f"cannot update the destinations of rule map {name}: {exc}") from exc
 
     def _run(self, commands: str, plan: Plan, *, check_only: bool = False) -> None:
         try:
