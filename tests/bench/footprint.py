@@ -1,4 +1,4 @@
-"""Footprint (item 6): the daemon's memory and CPU while it probes its links.
+"""Footprint (item 6): the daemon's memory and CPU while it probes and measures its links.
 
 A lab with 4 ISPs, then one with 32 (the lab builds 32 ISP namespaces in a few seconds, so every
 link is a real ISP whose Internet host answers the probes through it). The daemon runs with
@@ -6,6 +6,11 @@ uplinkd's default monitoring (5 probe rounds a second per link) and every link p
 Internet host; once every link is up and a settling second has passed, its CPU time (utime +
 stime from /proc/PID/stat) is read over `seconds`, and its resident memory (VmRSS, and the peak
 VmHWM) at the end. CPU is given as a percentage of one core.
+
+Each size runs twice: with the weighted method, where the measurement loops are the probes and
+the traffic-rate sampling (interface counters once a second), and with the lowest-latency method
+in a lab whose ISPs have 2nd and 3rd hops, which adds the TTL-limited hop probes of every link.
+The difference is what the measured methods' loops cost (issue 6, item 8).
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from tests.integration.conftest import Uplinkd
 SIZES = (4, 32)
 
 
-def config_text(links: int) -> str:
+METHODS = ("weighted", "lowest-latency")
+
+
+def config_text(links: int, method: str = "weighted") -> str:
     parts = [
         f'[[link]]\nname = "ISP{i}"\ndevice = "wan{i}"\ntargets = ["{INET_HOST}"]\n'
         for i in range(1, links + 1)
     ]
-    return "\n".join([*parts, '[[lan]]\nname = "LAN"\ndevice = "lan0"\n'])
+    lan = '[[lan]]\nname = "LAN"\ndevice = "lan0"\n'
+    return "\n".join([*parts, lan, f'[default]\nmethod = "{method}"\n'])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -46,13 +55,17 @@ def _memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def measure(links: int, seconds: float) -> dict[str, object]:
+def measure(links: int, seconds: float, method: str = "weighted") -> dict[str, object]:
     begin = time.monotonic()
-    with Lab(isps=links) as lab, tempfile.TemporaryDirectory(prefix="uplinkd-bench-") as tmp:
+    hops = method == "lowest-latency"
+    with (
+        Lab(isps=links, hops=hops) as lab,
+        tempfile.TemporaryDirectory(prefix="uplinkd-bench-") as tmp,
+    ):
         built = time.monotonic() - begin
         lab.start_server(lab.ns_inet, INET_HOST, [80])
         runner = Uplinkd(lab, Path(tmp))
-        config = runner.write_config(config_text(links))
+        config = runner.write_config(config_text(links, method))
         daemon = runner.start(config)
         try:
             pid = daemon.proc.pid  # `ip netns exec` execs the command: this is the daemon
@@ -71,11 +84,15 @@ def measure(links: int, seconds: float) -> dict[str, object]:
         finally:
             daemon.stop()
             runner.run(config, "--stop", check=False)
+    cpu_percent = 100 * (cpu1 - cpu0) / (t1 - t0)
     return {
         "links": links,
+        "method": method,
+        "hop_probes": hops,
         "lab_build_s": built,
         "window_s": t1 - t0,
-        "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "cpu_percent": cpu_percent,
+        "cpu_percent_per_link": cpu_percent / links,
         "rss_mib": memory["VmRSS"] / 1024,
         "peak_rss_mib": memory["VmHWM"] / 1024,
         "probe_rounds_per_s": links * 1000 / Monitor().interval_ms,
@@ -86,10 +103,11 @@ def measure(links: int, seconds: float) -> dict[str, object]:
 def run(seconds: float, log: Callable[[str], None]) -> dict[str, object]:
     out: dict[str, object] = {}
     for links in SIZES:
-        figures = measure(links, seconds)
-        out[str(links)] = figures
-        log(
-            f"  {links} links: CPU {figures['cpu_percent']:.1f} % of a core,"
-            f" RSS {figures['rss_mib']:.1f} MiB (lab built in {figures['lab_build_s']:.1f} s)"
-        )
+        for method in METHODS:
+            figures = measure(links, seconds, method)
+            out[f"{links} {method}"] = figures
+            log(
+                f"  {links} links, {method}: CPU {figures['cpu_percent']:.1f} % of a core,"
+                f" RSS {figures['rss_mib']:.1f} MiB (lab built in {figures['lab_build_s']:.1f} s)"
+            )
     return out

@@ -142,13 +142,18 @@ def overhead(results: dict[str, Any]) -> list[str]:
 
 def footprint(results: dict[str, Any]) -> list[str]:
     rows = [
-        "| links | probe rounds/s | CPU (% of one core) | RSS | peak RSS |",
-        "|---|---|---|---|---|",
+        "| links | loops running | probe rounds/s | CPU (% of one core) | CPU per link | RSS |"
+        " peak RSS |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for figures in sorted(results.values(), key=lambda figures: int(figures["links"])):
+    for figures in sorted(results.values(), key=lambda f: (int(f["links"]), f.get("method", ""))):
+        loops = "probes, rates"
+        if figures.get("hop_probes"):
+            loops += ", hop latency (lowest-latency)"
+        per_link = figures.get("cpu_percent_per_link", figures["cpu_percent"] / figures["links"])
         rows.append(
-            f"| {figures['links']} | {figures['probe_rounds_per_s']:.0f}"
-            f" | {figures['cpu_percent']:.1f} % | {figures['rss_mib']:.1f} MiB"
+            f"| {figures['links']} | {loops} | {figures['probe_rounds_per_s']:.0f}"
+            f" | {figures['cpu_percent']:.1f} % | {per_link:.2f} % | {figures['rss_mib']:.1f} MiB"
             f" | {figures['peak_rss_mib']:.1f} MiB |"
         )
     return rows
