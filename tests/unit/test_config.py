@@ -66,7 +66,8 @@ def test_example_file_parses() -> None:
     assert (lte.monitor.interval_ms, lte.monitor.timeout_ms) == (1000, 1500)  # [link.monitor]
     assert lte.monitor.max_successive_pkts_lost == 3  # the rest comes from [monitor]
     assert [lan.name for lan in loaded.lans] == ["LAN"]
-    banking, voip, backups = loaded.rules
+    banking, voip, backups, fastest = loaded.rules
+    assert (fastest.method, fastest.cache_seconds) == (Method.FASTEST_RESPONSE, 600)
     assert banking.method is Method.PERSISTENCE
     assert banking.by is HashBy.SOURCE
     assert banking.match.dst == (ipaddress.IPv4Network("203.0.113.0/24"),)
