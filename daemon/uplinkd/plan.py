@@ -66,6 +66,12 @@ class Dispatch:
     # fastest-response: destinations are raced and the winner kept this many seconds; the
     # buckets are the fallback for a destination not learned yet (None: other methods).
     cache_s: int | None = None
+    # The map holding the targets when another rule's (identical in every link state) is used.
+    map: str = ""
+
+    @property
+    def map_name(self) -> str:
+        return self.map or self.name
 
     @property
     def live(self) -> frozenset[int]:

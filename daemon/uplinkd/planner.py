@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import const
@@ -70,6 +70,7 @@ def plan(
     by_name = {link.name: link for link in links}
     rules = (*extras.rules, *config.rules, config.default)
     measured = Measured(measures or {}, previous or {})
+    shared: dict[_MapKey, tuple[str, tuple[int, ...]]] = {}
     dispatches = tuple(
         _dispatch(
             config,
@@ -77,6 +78,7 @@ def plan(
             by_name,
             "rule_default" if rule is config.default else f"rule_{i}",
             measured,
+            shared,
         )
         for i, rule in enumerate(rules)
     )
@@ -125,6 +127,10 @@ def _planned_link(
     )
 
 
+# The bucket owners depend on the links and weights only, never on the rule: see _MapKey.
+_ASSIGN_SEED = "uplinkd"
+
+
 def map_name(rule_name: str, index_name: str) -> str:
     """An nft identifier that still tells a person which rule it is."""
     return f"{index_name}_{re.sub(r'[^A-Za-z0-9_]', '_', rule_name)}"[:60]
@@ -152,12 +158,32 @@ class Measured:
         return chosen
 
 
-def _dispatch(
+# Rules that pick buckets the same way (selector, bucket count, links and weights; or, for
+# priority and enforced, the same links in the same order) get the same bucket owners in every
+# state of the links, so they share one map: a link state change then rewrites one map per such
+# group instead of one per rule.
+_MapKey = tuple[object, ...]
+_Shared = dict[_MapKey, tuple[str, tuple[int, ...]]]
+
+
+def _share(
+    shared: _Shared, key: _MapKey, name: str, targets: Callable[[], tuple[int, ...]]
+) -> tuple[tuple[int, ...], str]:
+    """The bucket owners of rule `name` (computed by `targets` for the first rule of its group)
+    and the map it uses: "" for its own, else the first rule's."""
+    if key not in shared:
+        shared[key] = (name, targets())
+    owner, found = shared[key]
+    return found, "" if owner == name else owner
+
+
+def _dispatch(  # noqa: PLR0917 (one plan() call's shared state)
     config: Config,
     rule: Rule,
     links: dict[str, PlannedLink],
     index_name: str,
     measured: Measured,
+    shared: _Shared,
 ) -> Dispatch:
     names = rule.links or tuple(link.name for link in config.links)
     members = [links[name] for name in names if name in links]
@@ -175,7 +201,9 @@ def _dispatch(
             order = {link.name: (link.priority, i) for i, link in enumerate(config.links)}
         first = min(live, key=lambda link: order[link.name], default=None)
         target = UNREACHABLE if first is None else first.id
-        return Dispatch(name, rule.name, rule.match, Selector.RANDOM, (target,))
+        ranked = tuple(link.id for link in sorted(members, key=lambda link: order[link.name]))
+        targets, owner = _share(shared, ("first of", ranked), name, lambda: (target,))
+        return Dispatch(name, rule.name, rule.match, Selector.RANDOM, targets, map=owner)
     weighted = [Weighted(link.id, link.name, config.link(link.name).weight) for link in members]
     if rule.method is Method.PERSISTENCE:
         selector = Selector(rule.by.value)
@@ -184,12 +212,26 @@ def _dispatch(
         selector = Selector.RANDOM
         minimum = 1
     count = exact_bucket_count([w.weight for w in weighted], minimum) if weighted else 1
-    owners = assign(count, weighted, {link.id for link in live}, rule.name)
-    targets = tuple(UNREACHABLE if owner is None else owner for owner in owners)
+
+    def owners() -> tuple[int, ...]:
+        found = assign(count, weighted, {link.id for link in live}, _ASSIGN_SEED)
+        return tuple(UNREACHABLE if owner is None else owner for owner in found)
+
+    key = (selector, count, tuple((w.link_id, w.weight) for w in weighted))
+    targets, owner = _share(shared, key, name, owners)
     # Each rule hashes with its own seed, so two persistence rules do not pair the same flows.
     hash_seed = int.from_bytes(hashlib.blake2b(rule.name.encode(), digest_size=4).digest(), "big")
     learned = rule.cache_seconds if rule.method is Method.FASTEST_RESPONSE else None
-    return Dispatch(name, rule.name, rule.match, selector, targets, seed=hash_seed, cache_s=learned)
+    return Dispatch(
+        name,
+        rule.name,
+        rule.match,
+        selector,
+        targets,
+        seed=hash_seed,
+        cache_s=learned,
+        map=owner,
+    )
 
 
 def _routes(config: Config, links: Sequence[PlannedLink]) -> list[RouteSpec]:

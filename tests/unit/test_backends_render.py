@@ -108,12 +108,12 @@ def nft_facts(plan: Plan) -> Facts:
     for device, action in re.findall(r'oifname "(\S+)" (masquerade|snat ip to \S+)', text):
         found.nat[device] = action.replace("snat ip to", "snat")
     elements = dict(re.findall(r"add element inet uplinkd (\w+) \{ ([^}]*) \}", text))
-    for selector, count, seed, name in re.findall(
-        r"(numgen random|jhash [^\n]*?) mod (\d+)(?: seed (0x\w+))? vmap @(\w+)",
+    for selector, count, seed, map_name, name in re.findall(
+        r'(numgen random|jhash [^\n]*?) mod (\d+)(?: seed (0x\w+))? vmap @(\w+) comment "(\w+)"',
         _chain(text, "classify"),
     ):
         found.order.append(name)
-        pairs = [item.split(" : goto ") for item in elements[name].split(", ")]
+        pairs = [item.split(" : goto ") for item in elements[map_name].split(", ")]
         by_bucket = {int(b): 0 if c == "no_link" else int(c.split("_")[1]) for b, c in pairs}
         targets = tuple(by_bucket[b] for b in sorted(by_bucket))
         kind = _NFT_SELECTORS[selector.strip()]
@@ -277,6 +277,26 @@ def firewall_without_ssh() -> Plan:
     return planner.plan(cfg, facts("ISP1"), {"ISP1"})
 
 
+def shared_maps() -> Plan:
+    """Rules that pick buckets alike share a map: web and mail with the default (one map),
+    the two persistence rules (another), the two priority rules over the links in their
+    priority order (a third); the rule over two links of three, and the priority rule with its
+    own order, have their own."""
+    sticky = Rule("sticky", Method.PERSISTENCE, Match(proto="udp"), by=HashBy.SOURCE)
+    rules = (
+        Rule("web", Method.WEIGHTED, Match(proto="tcp", dport=(PortRange(443, 443),))),
+        sticky,
+        Rule("mail", Method.WEIGHTED, Match(proto="tcp", dport=(PortRange(25, 25),))),
+        replace(sticky, name="sticky2", match=Match(proto="icmp")),
+        Rule("pair", Method.WEIGHTED, Match(proto="tcp"), links=("ISP1", "ISP3")),
+        Rule("voip", Method.PRIORITY, Match(proto="udp", dport=(PortRange(5060, 5060),))),
+        Rule("sip", Method.PRIORITY, Match(proto="tcp", dport=(PortRange(5060, 5060),))),
+        Rule("other", Method.PRIORITY, Match(proto="gre"), links=("ISP3", "ISP1")),
+    )
+    cfg = config({"ISP1": 1, "ISP2": 3, "ISP3": 2}, rules=rules)
+    return planner.plan(cfg, facts("ISP1", "ISP2", "ISP3"), {"ISP1", "ISP3"})
+
+
 PLANS: dict[str, Callable[[], Plan]] = {
     "weighted": weighted,
     "weighted-three-one-down": weighted_three_one_down,
@@ -284,6 +304,7 @@ PLANS: dict[str, Callable[[], Plan]] = {
     **{f"persistence-{by.value}": persistence(by) for by in HashBy},
     "nat-forwards-firewall": nat_forwards_firewall,
     "firewall-without-ssh": firewall_without_ssh,
+    "shared-maps": shared_maps,
 }
 
 
@@ -292,6 +313,30 @@ PLANS: dict[str, Callable[[], Plan]] = {
 def test_rendered_facts_are_the_plans(backend: str, case: str) -> None:
     plan = PLANS[case]()
     assert RENDERERS[backend](plan) == expected(plan)
+
+
+def test_rules_that_pick_alike_share_one_nftables_map() -> None:
+    plan = shared_maps()
+    owners = {d.name: d.map_name for d in plan.dispatches}
+    assert owners == {
+        "rule_0_web": "rule_0_web",
+        "rule_1_sticky": "rule_1_sticky",
+        "rule_2_mail": "rule_0_web",
+        "rule_3_sticky2": "rule_1_sticky",
+        "rule_4_pair": "rule_4_pair",
+        "rule_5_voip": "rule_5_voip",
+        "rule_6_sip": "rule_5_voip",
+        "rule_7_other": "rule_7_other",
+        "rule_default": "rule_0_web",
+    }
+    owners = {"rule_0_web", "rule_1_sticky", "rule_4_pair", "rule_5_voip", "rule_7_other"}
+    assert set(nftables.map_targets(plan)) == owners
+    assert nftables.map_targets(plan)["rule_7_other"] == (3,)  # ISP2 is down
+    assert nftables.map_targets(plan)["rule_5_voip"] == (1,)
+    text = nftables.render(plan)
+    assert len(re.findall(r"^\tmap rule_", text, re.M)) == 5
+    assert 'comment "rule web and 2 more"' in text
+    assert len(re.findall(r"^add element inet uplinkd rule_", text, re.M)) == 5
 
 
 def test_the_cases_cover_what_they_claim() -> None:
@@ -446,7 +491,7 @@ def test_fastest_response_learns_in_nftables_before_its_weighted_buckets() -> No
         "meta l4proto tcp ip daddr vmap @fr_rule_0_web",
         "meta l4proto tcp ip daddr != @frp_rule_0_web add @frp_rule_0_web "
         '{ ip daddr } log prefix "uplinkd-fr rule_0_web" group 21301',
-        "meta l4proto tcp numgen random mod 12 vmap @rule_0_web",
+        'meta l4proto tcp numgen random mod 12 vmap @rule_0_web comment "rule_0_web"',
     ]
     weighted_web = replace(plan, dispatches=(replace(web, cache_s=None), *plan.dispatches[1:]))
     assert nftables.structure_digest(plan) != nftables.structure_digest(weighted_web)

@@ -153,7 +153,8 @@ def _classify(plan: Plan) -> str:
             lines.append(
                 f"{match} {tcp}ip daddr != {pending} add {pending} {{ ip daddr }} {report}".strip()
             )
-        lines.append(f"{match} {_selector(dispatch)} vmap @{dispatch.name}".strip())
+        vmap = f'vmap @{dispatch.map_name} comment "{dispatch.name}"'
+        lines.append(f"{match} {_selector(dispatch)} {vmap}".strip())
     return _chain("classify", [], lines)
 
 
@@ -281,10 +282,13 @@ def _table_body(plan: Plan) -> str:
         f'\tset {_NAME_SET_PREFIX}{link.id} {{\n\t\ttype mark\n\t\tcomment "{link.name}"\n\t}}'
         for link in plan.links
     ]
-    maps = [
-        f'\tmap {d.name} {{\n\t\ttypeof {_map_type(d)} : verdict\n\t\tcomment "rule {d.rule}"\n\t}}'
-        for d in plan.dispatches
-    ]
+    maps = []
+    for d in _owners(plan.dispatches):
+        users = [u.rule for u in plan.dispatches if u.map_name == d.name]
+        comment = f"rule {d.rule}" + (f" and {len(users) - 1} more" if len(users) > 1 else "")
+        maps.append(
+            f'\tmap {d.name} {{\n\t\ttypeof {_map_type(d)} : verdict\n\t\tcomment "{comment}"\n\t}}'
+        )
     learning = [text for d in plan.dispatches for text in _learning_sets(d)]
     parts = [
         *names,
@@ -311,7 +315,12 @@ def structure_digest(plan: Plan) -> str:
 
 
 def map_targets(plan: Plan) -> dict[str, tuple[int, ...]]:
-    return {d.name: d.targets for d in plan.dispatches}
+    return {d.name: d.targets for d in _owners(plan.dispatches)}
+
+
+def _owners(dispatches: Iterable[Dispatch]) -> list[Dispatch]:
+    """The dispatches that own a map (the others use one of theirs)."""
+    return [d for d in dispatches if not d.map]
 
 
 def _table_text(plan: Plan) -> str:
@@ -348,7 +357,7 @@ def render(plan: Plan) -> str:
         "# replaces it); other tables are not touched.\n"
         f"table {TABLE}\ndelete table {TABLE}\n"
         + _table_text(plan)
-        + _element_commands(plan, plan.dispatches, flush=False)
+        + _element_commands(plan, _owners(plan.dispatches), flush=False)
         + _hook_text(plan.nft_hook_lines)
     )
 
@@ -423,7 +432,7 @@ class NftablesBackend:
         if current is None or current.structure != structure_digest(plan):
             self._run(render(plan), plan)
             return ApplyKind.FULL
-        changed = [d for d in plan.dispatches if current.maps.get(d.name) != d.targets]
+        changed = [d for d in _owners(plan.dispatches) if current.maps.get(d.name) != d.targets]
         if not changed and current.up_links == up_link_ids(plan):
             return ApplyKind.NONE
         self._run(_element_commands(plan, changed, flush=True), plan)
