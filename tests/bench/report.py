@@ -146,7 +146,9 @@ def footprint(results: dict[str, Any]) -> list[str]:
         " peak RSS |",
         "|---|---|---|---|---|---|---|",
     ]
-    for figures in sorted(results.values(), key=lambda f: (int(f["links"]), f.get("method", ""))):
+    for figures in sorted(
+        results.values(), key=lambda f: (int(f["links"]), bool(f.get("hop_probes")))
+    ):
         loops = "probes, rates"
         if figures.get("hop_probes"):
             loops += ", hop latency (lowest-latency)"

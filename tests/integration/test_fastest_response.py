@@ -14,35 +14,15 @@ import pytest
 from uplinkd.lab import DEST_A, DEST_B, INET_HOST, Lab
 from uplinkd.labdelay import unsupported
 
-from .conftest import Daemon, Uplinkd, needs_root, wait_until
+from .conftest import TWO_LINKS, Daemon, Uplinkd, needs_root, wait_until
 
 pytestmark = [needs_root, pytest.mark.lab]
 
-CONFIG = """
-[monitor]
-interval_ms = 200
-timeout_ms = 300
-
-[[link]]
-name = "ISP1"
-device = "wan1"
-targets = ["203.0.113.10"]
-weight = 9
-
-[[link]]
-name = "ISP2"
-device = "wan2"
-targets = ["203.0.113.10"]
-weight = 1
-
-[[lan]]
-name = "LAN"
-device = "lan0"
-
-[default]
-method = "fastest-response"
-cache_seconds = 60
-"""
+CONFIG = (
+    TWO_LINKS.format(w1=9, w2=1)
+    + '\n[default]\nmethod = "fastest-response"\ncache_seconds = 60\n'
+    + "\n[monitor]\ninterval_ms = 200\ntimeout_ms = 300\n"
+)
 # Until a destination is learned the rule uses its buckets (9:1 here, so that a first connection
 # usually tries ISP1, the way the unreachable test needs).
 BLOCK = "table inet labblock {\n chain f {\n  type filter hook forward priority 0;\n  %s\n }\n}\n"
