@@ -10,12 +10,13 @@ import ipaddress
 from collections.abc import Coroutine
 from typing import Any
 
+import pytest
 from uplinkd import planner
 from uplinkd.backends.base import ApplyKind, Learned
 from uplinkd.backends.fake import FakeBackend
 from uplinkd.fastest import MAX_RACES, Entry, FastestResponse, RaceResult
 from uplinkd.model import Match, Method, Rule
-from uplinkd.nflog import LoggedPacket
+from uplinkd.nflog import LoggedPacket, NflogError, NflogListener
 from uplinkd.plan import Plan
 
 from .test_planner import config, facts
@@ -39,7 +40,7 @@ def plan(up: set[str], method: Method = Method.FASTEST_RESPONSE) -> Plan:
 
 
 def component() -> tuple[FastestResponse, FakeBackend, Clock, list[Coroutine[Any, Any, None]]]:
-    backend, clock, spawned = FakeBackend(), Clock(), []
+    backend, clock, spawned = FakeBackend(), Clock(), list[Coroutine[Any, Any, None]]()
     fastest = FastestResponse(backend, spawned.append, clock=clock)
     fastest.listener = object()  # type: ignore[assignment]  # as if NFLOG were bound
     return fastest, backend, clock, spawned
@@ -109,3 +110,19 @@ def test_a_rule_that_stops_being_fastest_response_forgets_and_stops_listening() 
     fastest.on_apply(plan({"ISP1", "ISP2"}, Method.WEIGHTED), ApplyKind.FULL)
     assert fastest.learned == {}
     assert fastest.listener is None
+
+
+def test_a_taken_nflog_group_leaves_the_rule_on_its_weights(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def taken(self: NflogListener) -> None:
+        raise NflogError("cannot bind NFLOG group 21301: Operation not permitted")
+
+    monkeypatch.setattr(NflogListener, "open", taken)
+    backend, spawned = FakeBackend(), list[Coroutine[Any, Any, None]]()
+    fastest = FastestResponse(backend, spawned.append)
+    fastest.on_apply(plan({"ISP1", "ISP2"}), ApplyKind.FULL)
+    assert fastest.listener is None and spawned == []
+    assert "fastest-response cannot hear of new destinations" in caplog.text
+    assert "use their weighted fallback" in caplog.text
+    assert backend.learned == {WEB: {}}  # the learned map is still kept in step
