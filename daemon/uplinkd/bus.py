@@ -16,6 +16,7 @@ import logging
 import socket
 import string
 from collections.abc import Callable, Mapping
+from dataclasses import astuple
 from typing import (
     Annotated,
     Any,
@@ -46,6 +47,7 @@ from dbus_fast.signature import Variant
 from . import const
 from .coordinator import UnknownLinkError
 from .errors import UplinkdError
+from .fastest import LearnedDestination
 from .link import Transition
 from .status import LinkStatus, Snapshot
 
@@ -155,11 +157,13 @@ class Controller(Protocol):
     def notify_device(self, device: str, action: str) -> None: ...
     async def reload(self) -> None: ...  # raises errors.UplinkdError when the config is refused
     def dry_run(self) -> str: ...
+    def learned(self) -> list[LearnedDestination]: ...
 
 
 _S = TypeVar("_S", Snapshot, LinkStatus)
 _P = ParamSpec("_P")
 _READ: Final = PropertyAccess.READ
+LearnedReply = Annotated[list[tuple[str, str, str, int]], DBusSignature("a(sssu)")]
 StatusReply = Annotated[
     tuple[dict[str, Variant], list[dict[str, Variant]]], DBusSignature("a{sv}aa{sv}")
 ]
@@ -286,6 +290,10 @@ class ManagerInterface(_Published[Snapshot]):
     @_bus_method("DryRun")
     def dry_run(self) -> DBusStr:
         return self._service.controller.dry_run()
+
+    @_bus_method("GetLearned")
+    def get_learned(self) -> LearnedReply:
+        return [astuple(entry) for entry in self._service.controller.learned()]
 
     @dbus_signal("LinkStateChanged")
     def link_state_changed(self, transition: Transition) -> LinkStateChangedArgs:

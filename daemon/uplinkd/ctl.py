@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType
@@ -130,16 +130,41 @@ def status_table(status: Status, now: float) -> str:
     manager, links = status
     if not links:
         return f"{status_header(manager)}\n(no links)\n"
-    rows = [list(TABLE_COLUMNS), *(link_row(link, now) for link in links)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = [status_header(manager)]
-    for row in rows:
+    rows = [link_row(link, now) for link in links]
+    return status_header(manager) + "\n" + table(TABLE_COLUMNS, rows, RIGHT_ALIGNED)
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[str]) -> str:
+    """Columns two spaces apart, each as wide as its widest cell; `right` ones right-aligned."""
+    every = [list(columns), *rows]
+    widths = [max(len(row[i]) for row in every) for i in range(len(columns))]
+    lines = []
+    for row in every:
         cells = (
-            cell.rjust(width) if column in RIGHT_ALIGNED else cell.ljust(width)
-            for column, cell, width in zip(TABLE_COLUMNS, row, widths, strict=True)
+            cell.rjust(width) if column in right else cell.ljust(width)
+            for column, cell, width in zip(columns, row, widths, strict=True)
         )
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
+
+
+LEARNED_COLUMNS = ("RULE", "DESTINATION", "LINK", "FORGOTTEN IN")
+
+
+def learned_table(destinations: Sequence[Sequence[Any]]) -> str:
+    """GetLearned's (rule, address, link, seconds left) entries, one row each."""
+    if not destinations:
+        return "(no destinations learned: no fastest-response rule, or no new destination yet)\n"
+    rows = [
+        [rule, address, link, human_duration(left)] for rule, address, link, left in destinations
+    ]
+    return table(LEARNED_COLUMNS, rows, {"FORGOTTEN IN"})
+
+
+def learned_json(destinations: Sequence[Sequence[Any]]) -> str:
+    keys = ("rule", "address", "link", "seconds_left")
+    entries = [dict(zip(keys, entry, strict=True)) for entry in destinations]
+    return json.dumps(entries, indent=2) + "\n"
 
 
 def status_json(status: Status) -> str:
@@ -289,6 +314,10 @@ async def run(args: argparse.Namespace) -> None:
             await client.call("SetLinkEnabled", "sb", args.name, args.command == "up")
         elif args.command == "reload":
             await client.call("Reload")
+        elif args.command == "learned":
+            [destinations] = await client.call("GetLearned")
+            write = learned_json if args.json else learned_table
+            sys.stdout.write(write(destinations))
         elif args.command == "dry-run":
             [plan] = await client.call("DryRun")
             sys.stdout.write(plan if plan.endswith("\n") else plan + "\n")
@@ -301,7 +330,7 @@ async def run(args: argparse.Namespace) -> None:
 EPILOG = f"""\
 uplinkctl talks to uplinkd over the system bus ({BUS_NAME}) at --bus-address,
 else $DBUS_SYSTEM_BUS_ADDRESS, else {DEFAULT_SYSTEM_BUS}.
-Anyone may read (status, monitor, dry-run); up, down and reload need root or the
+Anyone may read (status, monitor, dry-run, learned); up, down and reload need root or the
 administrators' group of uplinkd's bus policy.
 
 exit status:
@@ -342,6 +371,10 @@ def parser() -> argparse.ArgumentParser:
     mon = sub.add_parser("monitor", parents=[common], help="print state changes as they happen")
     mon.add_argument("--count", type=positive, metavar="N", help="stop after N state changes")
     sub.add_parser("dry-run", parents=[common], help="print what uplinkd would apply now")
+    lrn = sub.add_parser(
+        "learned", parents=[common], help="destinations fastest-response rules have learned"
+    )
+    lrn.add_argument("--json", action="store_true", help="GetLearned's data as JSON")
     return p
 
 

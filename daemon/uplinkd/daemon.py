@@ -24,6 +24,7 @@ from .coordinator import Coordinator
 from .datapath import Datapath
 from .errors import ConfigError, DiscoveryError, UplinkdError
 from .events import EventHooks
+from .fastest import LearnedDestination
 from .model import Config
 from .notify import Mailer
 from .plan import LinkFacts, Plan
@@ -104,6 +105,9 @@ class Daemon:
 
     def dry_run(self) -> str:
         return self.coordinator.dry_run()
+
+    def learned(self) -> list[LearnedDestination]:
+        return self.coordinator.fastest.destinations()
 
     async def reload(self) -> None:
         """Load the configuration again; a bad one is refused (raised) and the running one stays."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import struct
 import time
@@ -115,6 +116,16 @@ async def race(
 
 
 @dataclass(frozen=True)
+class LearnedDestination:
+    """One destination a rule learned, as uplinkctl and D-Bus show it."""
+
+    rule: str
+    address: str
+    link: str
+    seconds_left: int
+
+
+@dataclass(frozen=True)
 class Entry:
     link: str
     expires: float  # on the clock
@@ -171,6 +182,20 @@ class FastestResponse:
                 self.backend.learn(name, entries, replace=True)
             except UplinkdError as exc:
                 log.error("rule %s: cannot restore its learned destinations: %s", name, exc)
+
+    def destinations(self) -> list[LearnedDestination]:
+        """What each rule has learned and not yet forgotten, by rule then address."""
+        now, plan = self.clock(), self.plan
+        rules = {d.name: d.rule for d in plan.dispatches} if plan else {}
+        found = [
+            LearnedDestination(
+                rules.get(name, name), str(address), e.link, math.ceil(e.expires - now)
+            )
+            for name, entries in self.learned.items()
+            for address, e in sorted(entries.items())
+            if e.expires > now
+        ]
+        return sorted(found, key=lambda d: d.rule)
 
     def _listen(self) -> None:
         listener = NflogListener(self.group, self.on_packet)

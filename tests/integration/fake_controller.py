@@ -8,6 +8,7 @@ from typing import Any
 
 from uplinkd.coordinator import UnknownLinkError
 from uplinkd.errors import UplinkdError
+from uplinkd.fastest import LearnedDestination
 from uplinkd.link import NM_DOWN, NM_HINTS
 from uplinkd.status import LinkStatus, Snapshot, overall
 
@@ -70,6 +71,12 @@ class FakeController:
         await asyncio.sleep(0)
         if self.refuse is not None:
             raise self.refuse
+
+    def learned(self) -> list[LearnedDestination]:
+        return [
+            LearnedDestination("web", "203.0.113.20", "ISP1", 598),
+            LearnedDestination("web", "203.0.113.30", "ISP2", 4000),
+        ]
 
     def dry_run(self) -> str:
         # A read, like the status: not recorded, so that a policy test sees only the changes.

@@ -198,6 +198,11 @@ def test_status_properties_and_managed_objects(bus: PrivateBus) -> None:
         assert generation == Variant("t", 3)
         [everything] = await h.ok(ISP1, PROPERTIES, "GetAll", "s", LINK_INTERFACE)
         assert everything == isp1  # the properties and GetStatus say the same
+        [learned] = await h.ok(*MANAGER, "GetLearned")
+        assert learned == [
+            ("web", "203.0.113.20", "ISP1", 598),
+            ("web", "203.0.113.30", "ISP2", 4000),
+        ]
         [plan] = await h.ok(*MANAGER, "DryRun")
         assert plan.startswith("#")
 
@@ -218,6 +223,7 @@ def test_policy_anyone_reads_only_root_changes(bus: PrivateBus) -> None:
         reads = [
             (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetStatus"),
             (const.BUS_PATH, f"{MANAGER_INTERFACE}.DryRun"),
+            (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetLearned"),
             (const.BUS_PATH, f"{PROPERTIES}.Get", f"string:{MANAGER_INTERFACE}", "string:Version"),
             (ISP1, f"{PROPERTIES}.GetAll", f"string:{LINK_INTERFACE}"),
             (const.BUS_PATH, f"{OBJECT_MANAGER_INTERFACE}.GetManagedObjects"),
@@ -226,7 +232,7 @@ def test_policy_anyone_reads_only_root_changes(bus: PrivateBus) -> None:
         for path, method, *args in reads:
             code, out = await dbus_send(h.bus, path, method, *args)
             assert code == 0, f"nobody: {method}: {out}"
-        assert "9.8.7" in (await dbus_send(h.bus, *reads[2]))[1]
+        assert "9.8.7" in (await dbus_send(h.bus, *reads[3]))[1]
 
         changes = [
             (f"{MANAGER_INTERFACE}.Reload",),

@@ -211,6 +211,23 @@ def test_dry_run(bus_address: str, service: Service) -> None:
     assert done.stdout == service.controller.dry_run()
 
 
+def test_learned(bus_address: str, service: Service) -> None:
+    done = uplinkctl(bus_address, "learned")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == (
+        "RULE  DESTINATION   LINK  FORGOTTEN IN\n"
+        "web   203.0.113.20  ISP1         9m58s\n"
+        "web   203.0.113.30  ISP2         1h06m\n"
+    )
+    done = uplinkctl(bus_address, "learned", "--json")
+    assert json.loads(done.stdout)[0] == {
+        "rule": "web",
+        "address": "203.0.113.20",
+        "link": "ISP1",
+        "seconds_left": 598,
+    }
+
+
 def start_monitor(address: str, *argv: str) -> subprocess.Popen[str]:
     """`uplinkctl monitor`, returned once it has subscribed (its first line, the snapshot)."""
     proc = subprocess.Popen(

@@ -15,6 +15,8 @@ from uplinkd.lab import DEST_A, DEST_B, INET_HOST, Lab
 from uplinkd.labdelay import unsupported
 
 from .conftest import TWO_LINKS, Daemon, Uplinkd, needs_root, wait_until
+from .privatebus import PrivateBus, private_bus
+from .test_ctl import uplinkctl
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -46,9 +48,15 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def daemon(lab: Lab, tmp_path: Path) -> Iterator[Daemon]:
+def bus() -> Iterator[PrivateBus]:
+    with private_bus() as running:
+        yield running
+
+
+@pytest.fixture
+def daemon(lab: Lab, tmp_path: Path, bus: PrivateBus) -> Iterator[Daemon]:
     runner = Uplinkd(lab, tmp_path)
-    started = runner.start(runner.write_config(CONFIG), "-v")
+    started = runner.start(runner.write_config(CONFIG), "-v", bus_address=bus.address)
     try:
         assert started.log.wait_for("link ISP1: init -> up", 15), started.log.text
         assert started.log.wait_for("link ISP2: init -> up", 15), started.log.text
@@ -74,7 +82,9 @@ def via(lab: Lab, address: str, count: int = 20, timeout: float = 2.0) -> dict[s
     return result.counts_by_isp()
 
 
-def test_each_destination_uses_the_link_that_answers_it_first(lab: Lab, daemon: Daemon) -> None:
+def test_each_destination_uses_the_link_that_answers_it_first(
+    lab: Lab, daemon: Daemon, bus: PrivateBus
+) -> None:
     assert learned(lab) == {}
     via(lab, DEST_A, 1)  # a first connection (by the buckets) starts the race
     via(lab, DEST_B, 1)
@@ -82,6 +92,15 @@ def test_each_destination_uses_the_link_that_answers_it_first(lab: Lab, daemon: 
     assert learned(lab) == {DEST_A: "link_1", DEST_B: "link_2"}, daemon.log.text
     assert via(lab, DEST_A) == {"ISP1": 20, "ISP2": 0}
     assert via(lab, DEST_B) == {"ISP1": 0, "ISP2": 20}
+    # What the daemon says it learned, over D-Bus, is what the kernel holds.
+    shown = uplinkctl(bus.address, "learned", "--json")
+    assert shown.returncode == 0, shown.stderr
+    entries = json.loads(shown.stdout)
+    assert [(e["rule"], e["address"], e["link"]) for e in entries] == [
+        ("default", DEST_A, "ISP1"),
+        ("default", DEST_B, "ISP2"),
+    ]
+    assert all(50 < e["seconds_left"] <= 60 for e in entries)  # cache_seconds = 60
 
 
 def test_a_destination_unreachable_via_one_link_works_via_the_other(

@@ -109,7 +109,7 @@ def test_contract_parses_as_introspection() -> None:
 
 def test_every_member_and_argument_is_documented() -> None:
     elements = _documented_elements()
-    assert len(elements) == 3 + 5 + 2 + 4 + 13 + 3  # interfaces, Manager, Link, ObjectManager
+    assert len(elements) == 3 + 6 + 2 + 4 + 13 + 3  # interfaces, Manager, Link, ObjectManager
     for element, comment in elements:
         name = element.get("name")
         assert comment is not None, f"{element.tag} {name} has no comment before it"

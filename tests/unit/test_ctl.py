@@ -124,6 +124,16 @@ def test_status_table_without_links() -> None:
     assert text == "uplinkd 0.1.0: offline, generation 12, mode weighted\n(no links)\n"
 
 
+def test_learned_table_and_json() -> None:
+    assert ctl.learned_table([]).startswith("(no destinations learned")
+    assert ctl.learned_json([]) == "[]\n"
+    text = ctl.learned_table([("a-long-rule", "198.51.100.7", "ISP2", 7)])
+    assert text == (
+        "RULE         DESTINATION   LINK  FORGOTTEN IN\n"
+        "a-long-rule  198.51.100.7  ISP2            7s\n"
+    )
+
+
 def test_status_table_tolerates_missing_keys() -> None:
     """An older or newer daemon may send fewer keys: the table shows what it has."""
     text = ctl.status_table(({}, [{"Name": "X"}]), NOW)

@@ -14,7 +14,7 @@ import pytest
 from uplinkd import planner
 from uplinkd.backends.base import ApplyKind, Learned
 from uplinkd.backends.fake import FakeBackend
-from uplinkd.fastest import MAX_RACES, Entry, FastestResponse, RaceResult
+from uplinkd.fastest import MAX_RACES, Entry, FastestResponse, LearnedDestination, RaceResult
 from uplinkd.model import Match, Method, Rule
 from uplinkd.nflog import LoggedPacket, NflogError, NflogListener
 from uplinkd.plan import Plan
@@ -126,3 +126,17 @@ def test_a_taken_nflog_group_leaves_the_rule_on_its_weights(
     assert "fastest-response cannot hear of new destinations" in caplog.text
     assert "use their weighted fallback" in caplog.text
     assert backend.learned == {WEB: {}}  # the learned map is still kept in step
+
+
+def test_destinations_list_what_is_still_learned_by_rule_name() -> None:
+    fastest, _, clock, _ = component()
+    fastest.on_apply(plan({"ISP1", "ISP2"}), ApplyKind.FULL)
+    fastest.learned[WEB] = {
+        B: Entry("ISP2", clock.now + 30.2),
+        A: Entry("ISP1", clock.now + 100),
+        C: Entry("ISP1", clock.now - 1),  # expired: the kernel has forgotten it
+    }
+    assert fastest.destinations() == [
+        LearnedDestination("web", str(A), "ISP1", 100),
+        LearnedDestination("web", str(B), "ISP2", 31),
+    ]

@@ -242,7 +242,7 @@ def test_uplinkctl_1_documents_every_command_option_and_exit_code() -> None:
     text = roff("uplinkctl.1")
     parser = ctl.parser()
     commands = subcommands(parser)
-    assert set(commands) == {"status", "up", "down", "reload", "monitor", "dry-run"}
+    assert set(commands) == {"status", "up", "down", "reload", "monitor", "dry-run", "learned"}
     documented = text.split("\n.SH COMMANDS\n", 1)[1].split("\n.SH ", 1)[0]
     for command, sub in commands.items():
         assert re.search(rf"^\.BI? {re.escape(command)}\b", documented, re.M), command
