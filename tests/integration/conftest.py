@@ -123,21 +123,45 @@ def tracked_marks(lab: Lab, port: int = 80) -> dict[int, int]:
     return marks
 
 
-class Uplinkd:
-    """Runs the uplinkd command line inside the lab's router namespace."""
+LEGACY_CHECK = (
+    "from uplinkd.backends.iptables import IptablesBackend; IptablesBackend().check_available()"
+)
 
-    def __init__(self, lab: Lab, workdir: Path) -> None:
+
+def legacy_usable(lab: Lab) -> Lab:
+    """The lab, or a skip naming why the legacy iptables backend cannot work in its router."""
+    result = lab.run(lab.ns_router, sys.executable, "-c", LEGACY_CHECK, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["unknown"])[-1]
+        pytest.skip(f"the legacy iptables backend cannot be used here: {reason}")
+    return lab
+
+
+class Uplinkd:
+    """Runs the uplinkd command line inside the lab's router namespace.
+
+    With a `backend`, TOML files it writes say `backend = "..."` and the other files (a
+    balance.conf has no such key) get `--backend` on the command line.
+    """
+
+    def __init__(self, lab: Lab, workdir: Path, backend: str | None = None) -> None:
         self.lab = lab
         self.workdir = workdir
+        self.backend = backend
         self.daemons: list[Daemon] = []
+        if backend == "iptables":
+            legacy_usable(lab)
 
     def write_config(self, text: str, name: str = "uplinkd.toml") -> Path:
         path = self.workdir / name
+        if self.backend and path.suffix == ".toml":
+            text = f'backend = "{self.backend}"\n' + text
         path.write_text(text)
         return path
 
     def run(self, config: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "uplinkd.cli", "--config", str(config), *argv]
+        chosen = ("--backend", self.backend) if self.backend and config.suffix != ".toml" else ()
+        cmd = [sys.executable, "-m", "uplinkd.cli", "--config", str(config), *chosen, *argv]
         result = self.lab.run(self.lab.ns_router, *cmd, check=False, timeout=60)
         if check and result.returncode != 0:
             raise AssertionError(
@@ -196,10 +220,19 @@ def lab2() -> Iterator[Lab]:
 def uplinkd(lab2: Lab, tmp_path: Path) -> Iterator[Uplinkd]:
     runner = Uplinkd(lab2, tmp_path)
     yield runner
+    stop_all(runner)
+
+
+def stop_all(runner: Uplinkd) -> None:
+    """Stop the runner's daemons and remove its backend's datapath from the lab's router."""
     for daemon in runner.daemons:
         daemon.stop()
-    subprocess.run(
-        ["ip", "netns", "exec", lab2.ns_router, sys.executable, "-m", "uplinkd.cli", "--stop"],
-        check=False,
-        capture_output=True,
-    )
+    argv = [
+        sys.executable,
+        "-m",
+        "uplinkd.cli",
+        "--stop",
+        "--backend",
+        runner.backend or "nftables",
+    ]
+    runner.lab.run(runner.lab.ns_router, *argv, check=False)

@@ -1,5 +1,7 @@
-"""The legacy iptables backend on real traffic in the namespace lab: test_balancing's core tests
-with `backend = "iptables"`, its atomic generations, `--stop` and its refusal beside iptables-nft.
+"""The legacy iptables backend in the namespace lab: the daemon failing over with it, its dry
+run, its atomic generations, `--stop`, and its refusal beside iptables-nft. test_balancing runs
+its core traffic tests (weights, failover mode, persistence, enforced, the router's own
+connections, port forwards) with both backends.
 
 Root only (conftest.needs_root); skipped with the reason where the legacy tables cannot be used:
 python-iptables missing, the legacy x_tables modules unavailable, or iptables-nft rules present.
@@ -13,16 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import INET_HOST, LAN_SERVER, Lab
+from uplinkd.lab import INET_HOST, Lab
 
-from .conftest import TWO_LINKS, Uplinkd, needs_root, wait_until
-from .test_balancing import BALANCE_CONF_FAILOVER, ENFORCED, within
+from .conftest import TWO_LINKS, Uplinkd, legacy_usable, needs_root, wait_until
+from .test_balancing import ENFORCED
 from .test_failover import MONITORED, both_used, only_via
 
 pytestmark = [needs_root, pytest.mark.lab]
 
 LEGACY = 'backend = "iptables"\n'
-CHECK = "from uplinkd.backends.iptables import IptablesBackend; IptablesBackend().check_available()"
 CHAIN = re.compile(r"^:(UPLINKD-(\d+)-\w+) ", re.M)
 
 
@@ -45,15 +46,6 @@ def foreign(text: str) -> set[tuple[str, str]]:
     return found
 
 
-def usable(lab: Lab) -> Lab:
-    """The lab, or a skip naming why this backend cannot work in its router namespace."""
-    result = lab.run(lab.ns_router, sys.executable, "-c", CHECK, check=False)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["unknown"])[-1]
-        pytest.skip(f"the legacy iptables backend cannot be used here: {reason}")
-    return lab
-
-
 def stop(lab: Lab) -> None:
     argv = [sys.executable, "-m", "uplinkd.cli", "--stop"]
     for backend in ("iptables", "nftables"):
@@ -64,107 +56,13 @@ def stop(lab: Lab) -> None:
 def lab() -> Iterator[Lab]:
     with Lab(isps=2) as built:
         built.start_server(built.ns_inet, INET_HOST)
-        yield usable(built)
+        yield legacy_usable(built)
 
 
 @pytest.fixture
 def uplinkd(lab: Lab, tmp_path: Path) -> Iterator[Uplinkd]:
     yield Uplinkd(lab, tmp_path)
     stop(lab)
-
-
-def test_weights_1_3_share_connections(lab: Lab, uplinkd: Uplinkd) -> None:
-    uplinkd.run(uplinkd.write_config(LEGACY + TWO_LINKS.format(w1=1, w2=3)), "--once")
-    assert "table inet uplinkd" not in lab.run(lab.ns_router, "nft", "list", "tables").stdout
-    result = lab.connect_many(lab.ns_lan, INET_HOST, 80, 2000)
-    assert result.failed == 0
-    shares = result.shares()
-    assert within(shares["ISP1"], 25) and within(shares["ISP2"], 75), shares
-
-
-def test_failover_mode_with_the_backend_option(lab: Lab, uplinkd: Uplinkd) -> None:
-    config = uplinkd.write_config(BALANCE_CONF_FAILOVER, "balance.conf")  # has no backend key
-    uplinkd.run(config, "--once", "--backend", "iptables")
-    assert "UPLINKD-" in legacy_save(lab)
-    result = lab.connect_many(lab.ns_lan, INET_HOST, 80, 200)
-    assert result.counts_by_isp() == {"ISP1": 0, "ISP2": 200}
-    uplinkd.run(config, "--once", "--backend", "iptables", "CABLE")  # DSL marked down
-    result = lab.connect_many(lab.ns_lan, INET_HOST, 80, 200)
-    assert result.counts_by_isp() == {"ISP1": 200, "ISP2": 0}
-
-
-def test_persistence_by_source_sticks_and_only_failed_link_moves(tmp_path: Path) -> None:
-    with Lab(isps=3) as lab3:
-        lab3.start_server(lab3.ns_inet, INET_HOST, [80])
-        runner = Uplinkd(usable(lab3), tmp_path)
-        text = (
-            LEGACY
-            + TWO_LINKS.format(w1=1, w2=1)
-            + '\n[[link]]\nname = "ISP3"\ndevice = "wan3"\n'
-            + '\n[default]\nmethod = "persistence"\nby = "source"\n'
-        )
-        config = runner.write_config(text)
-        runner.run(config, "--once")
-        sources = lab3.add_client_addresses(20)
-        before = lab3.connect_many(lab3.ns_lan, INET_HOST, 80, 30, sources=sources)
-        assert before.failed == 0
-        link_of = {}
-        for source in sources:
-            used = {isp for isp, n in before.counts_by_isp(source=source).items() if n}
-            assert len(used) == 1, f"{source} used {used}"
-            link_of[source] = used.pop()
-        assert len(set(link_of.values())) == 3  # 20 sources spread over all three links
-
-        result = runner.run(config, "--once", "ISP1", "ISP3")  # ISP2 marked down
-        assert "netfilter: maps" in result.stderr
-        after = lab3.connect_many(lab3.ns_lan, INET_HOST, 80, 30, sources=sources)
-        assert after.failed == 0
-        for source in sources:
-            used = {isp for isp, n in after.counts_by_isp(source=source).items() if n}
-            assert len(used) == 1, f"{source} used {used} after the failover"
-            if link_of[source] == "ISP2":
-                assert used != {"ISP2"}
-            else:
-                assert used == {link_of[source]}, f"{source} moved without need"
-
-
-def test_enforced_rule_keeps_its_link_and_is_refused_when_down(lab: Lab, uplinkd: Uplinkd) -> None:
-    config = uplinkd.write_config(LEGACY + ENFORCED)
-    uplinkd.run(config, "--once")
-    mail = lab.connect_many(lab.ns_lan, INET_HOST, 25, 100)
-    assert mail.counts_by_isp() == {"ISP1": 100, "ISP2": 0}
-    web = lab.connect_many(lab.ns_lan, INET_HOST, 80, 200)
-    assert min(web.counts_by_isp().values()) > 50  # the default rule still balances
-
-    uplinkd.run(config, "--once", "ISP2")
-    mail = lab.connect_many(lab.ns_lan, INET_HOST, 25, 20, timeout=1.0)
-    assert mail.ok == 0 and mail.failed == 20  # never leaked through ISP2
-    assert mail.errors == {"refused": 20}  # refused at once (TCP reset), not left to time out
-    web = lab.connect_many(lab.ns_lan, INET_HOST, 80, 100)
-    assert web.counts_by_isp() == {"ISP1": 0, "ISP2": 100}
-
-
-def test_router_originated_connections_are_balanced(lab: Lab, uplinkd: Uplinkd) -> None:
-    uplinkd.run(uplinkd.write_config(LEGACY + TWO_LINKS.format(w1=1, w2=1)), "--once")
-    result = lab.connect_many(lab.ns_router, INET_HOST, 80, 1000)
-    assert result.failed == 0
-    shares = result.shares()
-    assert within(shares["ISP1"], 50, 5) and within(shares["ISP2"], 50, 5), shares
-
-
-def test_port_forward_from_an_isp_address_reaches_the_lan_server(
-    lab: Lab, uplinkd: Uplinkd
-) -> None:
-    lab.start_server(lab.ns_lan, LAN_SERVER, [80])
-    text = (
-        LEGACY
-        + TWO_LINKS.format(w1=1, w2=1)
-        + '\n[[forward]]\nport = 8080\nto = "192.168.10.35:80"\n'
-    )
-    uplinkd.run(uplinkd.write_config(text), "--once")
-    for isp in (1, 2):
-        result = lab.connect_many(lab.ns_inet, f"100.64.{isp}.2", 8080, 10)
-        assert result.addresses == [INET_HOST] * 10, result.errors
 
 
 def test_the_daemon_fails_over_and_back(lab: Lab, uplinkd: Uplinkd) -> None:
