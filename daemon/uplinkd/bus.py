@@ -246,6 +246,10 @@ class LinkInterface(_Published[LinkStatus]):
     def latency_ms(self) -> DBusDouble:
         return float(self.source.latency_ms)
 
+    @dbus_property(_READ, "HopLatencyMs")
+    def hop_latency_ms(self) -> DBusDouble:
+        return float(self.source.hop_latency_ms)
+
     @dbus_property(_READ, "LossPercent")
     def loss_percent(self) -> DBusDouble:
         return float(self.source.loss_percent)

@@ -107,17 +107,20 @@ def status_header(manager: dict[str, Any]) -> str:
 
 
 TABLE_COLUMNS = ("LINK", "DEVICE", "STATE", "FOR", "LATENCY", "LOSS", "SHARE", "RX", "TX")
-RIGHT_ALIGNED = frozenset({"FOR", "LATENCY", "LOSS", "SHARE", "RX", "TX"})
+HOP_COLUMN = "HOP LATENCY"  # after LATENCY, when some link measures it (lowest-latency)
+RIGHT_ALIGNED = frozenset({"FOR", "LATENCY", HOP_COLUMN, "LOSS", "SHARE", "RX", "TX"})
 
 
-def link_row(link: dict[str, Any], now: float) -> list[str]:
+def link_row(link: dict[str, Any], now: float, *, hop: bool = False) -> list[str]:
     since = float(link.get("Since", 0))
+    hop_cell = [human_latency(float(link.get("HopLatencyMs", -1)))] if hop else []
     return [
         str(link.get("Name", "?")),
         str(link.get("Device", "")) or "-",
         str(link.get("State", "?")),
         human_duration(now - since) if since > 0 else "-",
         human_latency(float(link.get("LatencyMs", -1))),
+        *hop_cell,
         human_percent(float(link.get("LossPercent", 0))),
         human_percent(100 * float(link.get("NewConnectionShare", 0))),
         human_rate(float(link.get("RxBps", 0))),
@@ -130,8 +133,12 @@ def status_table(status: Status, now: float) -> str:
     manager, links = status
     if not links:
         return f"{status_header(manager)}\n(no links)\n"
-    rows = [link_row(link, now) for link in links]
-    return status_header(manager) + "\n" + table(TABLE_COLUMNS, rows, RIGHT_ALIGNED)
+    hop = any(float(link.get("HopLatencyMs", -1)) >= 0 for link in links)
+    columns = list(TABLE_COLUMNS)
+    if hop:
+        columns.insert(columns.index("LATENCY") + 1, HOP_COLUMN)
+    rows = [link_row(link, now, hop=hop) for link in links]
+    return status_header(manager) + "\n" + table(columns, rows, RIGHT_ALIGNED)
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[str]) -> str:

@@ -36,6 +36,7 @@ class LinkStatus:
     gateway: str  # "" when unknown
     address: str  # "address/prefix", "" when the device has none
     latency_ms: float  # mean probe RTT over the window; -1 when nothing answered
+    hop_latency_ms: float  # smoothed RTT to the 2nd/3rd hop (lowest-latency); -1 when unmeasured
     loss_percent: float  # probe rounds lost over the window
     rx_bps: int  # received bits per second, smoothed
     tx_bps: int  # transmitted bits per second, smoothed
@@ -97,6 +98,9 @@ def snapshot(
                 gateway=str(fact.gateway) if fact and fact.gateway else "",
                 address=str(fact.address) if fact else "",
                 latency_ms=-1.0 if stats.latency_ms is None else stats.latency_ms,
+                hop_latency_ms=-1.0
+                if measure.hop_latency_ms is None
+                else round(measure.hop_latency_ms, 2),
                 loss_percent=stats.loss_percent,
                 rx_bps=round(measure.rx_bps),
                 tx_bps=round(measure.tx_bps),

@@ -26,6 +26,7 @@ def link_status(name: str, device: str, **changes: Any) -> LinkStatus:
         gateway="192.0.2.1",
         address="192.0.2.10/24",
         latency_ms=12.5,
+        hop_latency_ms=-1.0,
         loss_percent=0.0,
         rx_bps=8000,
         tx_bps=4000,

@@ -156,7 +156,8 @@ def test_status_json(bus_address: str, service: Service) -> None:
     assert [entry["Name"] for entry in data["links"]] == ["ISP1", "ISP2"]
     first = data["links"][0]
     assert " ".join(first) == (  # every key of the contract, sorted
-        "Address Device Gateway LatencyMs LossPercent Name NewConnectionShare Priority RxBps "
+        "Address Device Gateway HopLatencyMs LatencyMs LossPercent Name NewConnectionShare "
+        "Priority RxBps "
         "Since State TxBps Weight"
     )
     assert (first["Weight"], first["Gateway"], first["Address"]) == (

@@ -109,7 +109,7 @@ def test_contract_parses_as_introspection() -> None:
 
 def test_every_member_and_argument_is_documented() -> None:
     elements = _documented_elements()
-    assert len(elements) == 3 + 6 + 2 + 4 + 13 + 3  # interfaces, Manager, Link, ObjectManager
+    assert len(elements) == 3 + 6 + 2 + 4 + 14 + 3  # interfaces, Manager, Link, ObjectManager
     for element, comment in elements:
         name = element.get("name")
         assert comment is not None, f"{element.tag} {name} has no comment before it"
@@ -130,7 +130,7 @@ def test_every_error_is_documented() -> None:
 
 
 def _status(name: str) -> LinkStatus:
-    return LinkStatus(name, "wan1", "up", 1.5, True, 1, 1, "", "", -1.0, 0.0, 0, 0, 0.5)
+    return LinkStatus(name, "wan1", "up", 1.5, True, 1, 1, "", "", -1.0, 7.5, 0.0, 0, 0, 0.5)
 
 
 def test_the_code_declares_the_contract() -> None:

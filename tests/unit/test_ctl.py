@@ -112,6 +112,16 @@ def test_status_table() -> None:
     )
 
 
+def test_status_table_shows_hop_latency_when_measured() -> None:
+    manager, (dsl, lte) = STATUS
+    measured = (manager, [{**dsl, "HopLatencyMs": 8.25}, {**lte, "HopLatencyMs": -1.0}])
+    assert ctl.status_table(measured, NOW).splitlines()[1:] == [
+        "LINK  DEVICE  STATE    FOR  LATENCY  HOP LATENCY  LOSS  SHARE           RX          TX",
+        "DSL   eth0    up     3m12s  12.3 ms       8.2 ms    0%    75%  12.3 Mbit/s  1.2 Mbit/s",
+        "LTE   wwan0   down      5s        -            -  100%     0%      0 bit/s   850 bit/s",
+    ]
+
+
 def test_status_table_columns_follow_the_longest_cell() -> None:
     long = link(Name="a-very-long-link-name", Device="", Since=0)
     lines = ctl.status_table((MANAGER, [long, link()]), NOW).splitlines()
