@@ -396,10 +396,19 @@ class NftablesBackend:
         return render(plan)
 
     def read_back(self) -> AppliedState | None:
+        # The sets and maps only: listing the whole table also serialises every rule, which
+        # took 75 ms of each read at 1000 rules against 15 ms for these two.
         try:
-            items = self.nft_json.run_json(f"list table {TABLE}")
+            items = [
+                item
+                for kind in ("sets", "maps")
+                for item in self.nft_json.run_json(f"list {kind} {const.NFT_FAMILY}")
+                if next(iter(item.values())).get("table") == const.NFT_TABLE
+            ]
         except NftError:
             return None
+        if not any(item.get("set", {}).get("name") == _STATE_SET for item in items):
+            return None  # no table of ours (or not one this version wrote): rebuild it whole
         structure = ""
         maps: dict[str, tuple[int, ...]] = {}
         names: dict[int, str] = {}
@@ -485,7 +494,8 @@ class NftablesBackend:
         return None
 
     def remove(self) -> bool:
-        if self.read_back() is None:
+        # Whatever the table holds (even without a state set uplinkd could read back).
+        if f"table {TABLE}\n" not in self.nft.run(f"list tables {const.NFT_FAMILY}") + "\n":
             return False
         self.nft.run(f"delete table {TABLE}")
         return True
