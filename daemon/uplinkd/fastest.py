@@ -252,8 +252,8 @@ class FastestResponse:
         if winner is None or plan is None or current is None or current.cache_s is None:
             log.debug("rule %s: no link answered %s", dispatch.rule, address)
             return
-        link = plan.link(winner)
-        if link.id not in current.live:  # went down while racing
+        link = next((link for link in plan.links if link.name == winner), None)
+        if link is None or link.id not in current.live:  # went down (or away) while racing
             return
         seconds = float(current.cache_s)
         self.backend.learn(dispatch.name, {address: Learned(link.id, seconds)}, replace=False)

@@ -140,3 +140,17 @@ def test_destinations_list_what_is_still_learned_by_rule_name() -> None:
         LearnedDestination("web", str(A), "ISP1", 100),
         LearnedDestination("web", str(B), "ISP2", 31),
     ]
+
+
+def test_the_winner_is_learned_unless_it_went_down_while_racing() -> None:
+    fastest, backend, clock, _ = component()
+    both = plan({"ISP1", "ISP2"})
+    fastest.on_apply(both, ApplyKind.FULL)
+    web = both.dispatches[0]
+    fastest._learn(web, A, RaceResult({"ISP1": 0.150, "ISP2": 0.012}))
+    assert backend.learned[WEB] == {A: Learned(2, 120.0)}
+    assert fastest.learned[WEB] == {A: Entry("ISP2", clock.now + 120)}
+    fastest.on_apply(plan({"ISP1"}), ApplyKind.MAPS)  # ISP2 down, then its race ends
+    fastest._learn(web, B, RaceResult({"ISP2": 0.012}))
+    fastest._learn(web, C, RaceResult({}))  # nobody answered
+    assert backend.learned[WEB] == {} and fastest.learned[WEB] == {}
