@@ -30,6 +30,7 @@ from uplinkd.lab import Lab
 
 from .conftest import Daemon, Uplinkd, needs_root, wait_until
 from .privatebus import PrivateBus, private_bus
+from .test_failover import MONITORED
 
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "dispatcher" / "90-uplinkd"
@@ -111,25 +112,7 @@ exec NetworkManager --no-daemon --debug
 
 # uplinkd judges ISP1 by its own probes through the link to the Internet host, and takes its
 # gateway from wherever discovery finds it (the point: from NetworkManager).
-CONFIG = """
-[monitor]
-interval_ms = 200
-timeout_ms = 300
-
-[[link]]
-name = "ISP1"
-device = "wan1"
-targets = ["203.0.113.10"]
-
-[[link]]
-name = "ISP2"
-device = "wan2"
-targets = ["203.0.113.10"]
-
-[[lan]]
-name = "LAN"
-device = "lan0"
-"""
+CONFIG = MONITORED.format(extra_target="")
 
 NEW_GATEWAY = "10.0.1.254"
 
