@@ -25,7 +25,7 @@ from pyroute2 import AsyncIPRoute
 
 from . import conntrack, const, hooks, planner, status
 from .datapath import ApplyReport, Datapath
-from .errors import UplinkdError
+from .errors import ApplyError, LinkRoutesError, UplinkdError
 from .events import EventHooks
 from .facts import FactFinder
 from .fastest import FastestResponse
@@ -37,7 +37,7 @@ from .netlink import EventKind, NetEvent, NetlinkWatcher
 from .notify import Mailer
 from .plan import LinkFacts, Plan
 from .probe import ProbeRound
-from .probing import Probers, probe_targets
+from .probing import Probers
 from .publishing import Publisher, TransitionListener
 from .status import Snapshot
 
@@ -86,10 +86,13 @@ class Coordinator:
         self.plan: Plan | None = None  # the last plan applied
         self.measurements = Measurements(clock)
         self._pending = _Pending()
+        self._forget_errors: dict[str, str] = {}  # link -> the last failure to forget, as logged
         self._apply_task: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.probers = Probers(self._on_round, self.measurements.on_hop_latency, self._spawn)
+        self.probers = Probers(
+            self._on_round, self.measurements.on_hop_latency, self._spawn, self._retarget
+        )
         self._ipr: AsyncIPRoute | None = None
         self._watcher: NetlinkWatcher | None = None
         self.fastest = FastestResponse(datapath.backend, self._spawn, clock=clock)
@@ -166,7 +169,7 @@ class Coordinator:
         now = self.clock()
         links: dict[str, Link] = {}
         for link_config in self.config.links:
-            targets = probe_targets(link_config, self.facts.get(link_config.name))
+            targets = self.probers.targets(link_config, self.facts.get(link_config.name))
             old = (keep or {}).get(link_config.name)
             if old is not None:
                 old.retarget(targets, link_config.reliability)
@@ -215,7 +218,9 @@ class Coordinator:
             for name in self._links_on(event.device):
                 self._handle(self.links[name].carrier(bool(event.carrier), now))
             if event.carrier:
-                self._spawn(self._refresh())  # the device may have come with a new address
+                # The device may have come with a new address; and if it was administratively
+                # down, the kernel dropped its routes: they go back in with the next apply.
+                self._spawn(self._refresh(reapply=self._routes_missing_on(event.device)))
         elif event.kind in (EventKind.ADDRESS, EventKind.GATEWAY):
             log.info("%s: re-reading addresses and gateways", event.detail)
             self._spawn(self._refresh())
@@ -230,6 +235,9 @@ class Coordinator:
 
     def _links_on(self, device: str) -> list[str]:
         return [link.name for link in self.config.links if link.device == device]
+
+    def _routes_missing_on(self, device: str) -> bool:
+        return any(self.links[name].routes_missing for name in self._links_on(device))
 
     def notify_device(self, device: str, action: str) -> None:
         """A NetworkManager dispatcher action for a device: a hint, checked against the kernel."""
@@ -247,11 +255,18 @@ class Coordinator:
         self._handle(self.links[name].set_enabled(enabled, self.clock()))
 
     async def _ticker(self) -> None:
+        next_route_retry = 0.0
         while True:
             await asyncio.sleep(const.TICK_S)
             now = self.clock()
             for link in list(self.links.values()):
                 self._handle(link.tick(now))
+            # Links whose routes the kernel refused, and connections still owed a forget, are
+            # retried on their own: the apply is a diff, so for the rest it changes nothing.
+            owed = self._pending.forget or any(x.routes_missing for x in self.links.values())
+            if owed and now >= next_route_retry:
+                next_route_retry = now + const.APPLY_RETRY_S
+                self._schedule()
 
     def _devices(self) -> set[str]:
         return {link.device for link in self.config.links}
@@ -260,18 +275,26 @@ class Coordinator:
         if self.measurements.move_choices(self.config, self.facts, self.usable(), self.plan):
             self._schedule()  # a map update: the measured methods pick other links
 
-    async def _refresh(self) -> None:
-        """Re-read addresses and gateways; probers and the plan follow the new values."""
+    async def _refresh(self, *, reapply: bool = False) -> None:
+        """Re-read addresses and gateways; probers and the plan follow the new values (with
+        `reapply`, the plan is applied again even if they did not change)."""
         before = dict(self.facts)
         await self._discover()
         if self.facts == before:
+            if reapply:
+                self._schedule()
             return
         for link_config in self.config.links:
-            name = link_config.name
-            targets = probe_targets(link_config, self.facts.get(name))
+            self._retarget(link_config.name)
+        self._schedule()
+
+    def _retarget(self, name: str) -> None:
+        """The link's probe targets may have changed (gateway, a host name resolved)."""
+        if name in self.links and name in self._names():  # not a link a reload removes
+            link_config = self.config.link(name)
+            targets = self.probers.targets(link_config, self.facts.get(name))
             self.links[name].retarget(targets, link_config.reliability)
             self.probers.follow(self.config, self.facts, name)
-        self._schedule()
 
     async def _discover(self) -> None:
         async with self._discover_lock:
@@ -330,9 +353,11 @@ class Coordinator:
                 self._pending.dirty = True
                 if repr(exc) != last_error:  # once per distinct failure, not every retry
                     if isinstance(exc, UplinkdError):
-                        log.error("apply failed, the kernel keeps the previous state: %s", exc)
+                        # Routes go in per device and the ruleset in one transaction, so what
+                        # the kernel holds still forwards through links with routes.
+                        log.error("apply failed: %s", exc)
                     else:
-                        log.exception("internal error while applying; the kernel keeps its state")
+                        log.exception("internal error while applying")
                     log.info("retrying every %.0f s while it fails", const.APPLY_RETRY_S)
                 last_error = repr(exc)
                 await asyncio.sleep(const.APPLY_RETRY_S)
@@ -345,17 +370,76 @@ class Coordinator:
                 return None
             forget, self._pending.forget = self._pending.forget, set()
             try:
-                report = await self._apply_plan()
+                report = await self._apply_routable()
             except BaseException:
                 self._pending.forget |= forget  # still owed once an apply succeeds
                 raise
-            usable = self.usable()
-            for name in sorted(forget - usable):
-                if name in self.facts:
-                    mark = planner.link_mark(self._link_id(name), self.config.mark_mask)
-                    count = await conntrack.forget_mark(mark, self.config.mark_mask)
-                    log.info("link %s: forgot %d tracked connections", name, count)
+            # Links that stopped being usable while applying (their routes were refused).
+            forget |= self._pending.forget
+            self._pending.forget = set()
+            await self._forget(forget - self.usable())
             return report
+
+    async def _apply_routable(self) -> ApplyReport:
+        """Apply the plan; links whose routes the kernel refuses go down, and the plan is made
+        again without them, so the ruleset never sends traffic to a link without routes."""
+        for _ in range(len(self.links) + 1):  # each round takes at least one link out of use
+            try:
+                report = await self._apply_plan()
+            except LinkRoutesError as exc:
+                now = self.clock()
+                for name, why in exc.failed.items():
+                    log.warning("link %s: routes refused, taking it out of use: %s", name, why)
+                    self._handle(self.links[name].routes_refused(now, why))
+                continue
+            self._follow_routes(report)
+            return report
+        raise ApplyError("the plan kept sending traffic to links whose routes were refused")
+
+    def _follow_routes(self, report: ApplyReport) -> None:
+        """Tell each planned link whether its routes are in the kernel after this apply."""
+        now = self.clock()
+        for link_config in self.config.links:
+            link = self.links[link_config.name]
+            if link_config.name not in self.facts:
+                continue  # not in the plan: no routes were tried
+            why = report.unroutable.get(link_config.device)
+            if why is not None and not link.routes_missing:
+                log.warning(
+                    "link %s: routes refused, retrying every %.0f s: %s",
+                    link_config.name,
+                    const.APPLY_RETRY_S,
+                    why,
+                )
+                self._handle(link.routes_refused(now, why))
+            elif why is None and link.routes_missing:
+                log.info("link %s: routes installed again; probing decides", link_config.name)
+                self._handle(link.routes_installed(now))
+
+    async def _forget(self, names: set[str]) -> None:
+        """Forget the tracked connections of links no longer usable. The plan is in force by
+        now, so a failure is no failed apply: the link stays owed and is retried on its own
+        (the ticker), and the other links' connections are forgotten all the same."""
+        for name in sorted(names):
+            if name not in self.facts:
+                continue
+            mark = planner.link_mark(self._link_id(name), self.config.mark_mask)
+            try:
+                count = await conntrack.forget_mark(mark, self.config.mark_mask)
+            except ApplyError as exc:
+                self._pending.forget.add(name)
+                if self._forget_errors.get(name) != str(exc):  # once per distinct failure
+                    log.error(
+                        "link %s: its tracked connections are not forgotten yet (retrying every"
+                        " %.0f s): %s",
+                        name,
+                        const.APPLY_RETRY_S,
+                        exc,
+                    )
+                self._forget_errors[name] = str(exc)
+                continue
+            self._forget_errors.pop(name, None)
+            log.info("link %s: forgot %d tracked connections", name, count)
 
     async def _apply_plan(self) -> ApplyReport:
         usable = self.usable()

@@ -3,6 +3,12 @@
 Order matters for "nothing half-applied": the netfilter transaction is checked by the kernel first
 (a refused ruleset or hook line stops everything before any change), then routes and rules go in
 (so marked traffic always has a table), then the ruleset in one transaction.
+
+A device that refuses its routes (administratively down, deleted, renamed, its gateway no longer
+reachable) costs only its own link: the others' routes go in all the same. If the plan sends
+traffic to such a link, the ruleset is not switched to it (LinkRoutesError names the links, and
+the caller plans again without them); if the link is already out of use, the apply goes on and the
+report names the device, so the caller keeps retrying it on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pyroute2 import AsyncIPRoute
 
 from . import routing
 from .backends import ApplyKind, Backend
+from .errors import LinkRoutesError
 from .hooks import Hooks, run_commands
 from .plan import Plan
 
@@ -27,6 +34,11 @@ class ApplyReport:
     routing: routing.RoutingChanges
     sysctls: tuple[str, ...]
     failed_commands: int
+
+    @property
+    def unroutable(self) -> dict[str, str]:
+        """Devices whose routes the kernel refused, with the reason."""
+        return self.routing.failed
 
     def describe(self) -> str:
         r = self.routing
@@ -64,6 +76,16 @@ class Datapath:
             run_commands(hooks.commands, {"pre-run"})
         sysctls = self._write_sysctls(plan)
         routes = await routing.sync(ipr, plan)
+        refused = {
+            link.name: routes.failed[link.device]
+            for link in plan.links
+            if link.up and link.device in routes.failed
+        }
+        if refused:
+            raise LinkRoutesError(refused)
+        for device, why in routes.failed.items():
+            if device not in {link.device for link in plan.links}:
+                log.warning("device %s: hook routes refused: %s", device, why)
         kind = self.backend.apply(plan)
         failed = 0
         if rebuild:

@@ -36,7 +36,19 @@ class HookError(UplinkdError):
 
 
 class ApplyError(UplinkdError):
-    """The kernel refused a transaction; nothing of it was applied."""
+    """The kernel refused a change; what the message names was not applied."""
+
+
+class LinkRoutesError(ApplyError):
+    """Links the plan uses could not get their routes: the netfilter part was not applied.
+
+    The other links' routes are in place; the caller plans again without these links."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        self.failed = dict(failed)  # link name -> why its routes were refused
+        super().__init__(
+            "; ".join(f"link {name}: routes refused: {why}" for name, why in failed.items())
+        )
 
 
 class BackendUnavailableError(UplinkdError):

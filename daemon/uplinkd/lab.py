@@ -59,7 +59,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, NamedTuple, Self
+from typing import Any, ClassVar, Final, NamedTuple, Self
 
 from .labdelay import DelayProgram
 from .labquality import DelayLinks, PingReply, PingResult, Quality, Throughput, check_quality
@@ -85,6 +85,10 @@ _SRC_PYTHONPATH = str(Path(__file__).resolve().parent.parent)
 
 class LabError(RuntimeError):
     """A lab command failed; the message carries the command and its stderr."""
+
+
+# The device events set_device_fault() makes: every kind the kernel reports, and a silent one.
+DEVICE_FAULTS: Final = ("admin", "deleted", "renamed", "address", "arp", "carrier")
 
 
 class WanInfo(NamedTuple):
@@ -508,6 +512,46 @@ class Lab:
         """Carrier loss on the router's wan<i>: sets the ISP-side peer ``down`` admin down/up, so
         the router's device stays admin up but goes NO-CARRIER (its routes get ``linkdown``)."""
         self._ip(self.ns_isp(i), "link", "set", "dev", "down", "up" if up else "down")
+
+    def set_device_fault(self, i: int, kind: str, faulty: bool) -> None:
+        """One of the device events a real router sees on wan<i>, or its end (`DEVICE_FAULTS`):
+
+        - ``admin``: the router's device set administratively down (ifdown, NetworkManager
+          deactivating it): the kernel deletes its routes and refuses new ones;
+        - ``deleted``: the device deleted, and recreated with a new ifindex (PPP-style);
+        - ``renamed``: the device renamed away (down, rename, up), and back;
+        - ``address``: its address removed (DHCP lease expired), and added again;
+        - ``arp``: the gateway stops answering ARP (carrier and address stay: a silent failure);
+        - ``carrier``: carrier loss (NO-CARRIER), as `set_link`.
+        """
+        self._check_isp(i)
+        router, isp, wan = self.ns_router, self.ns_isp(i), self.router_wan(i)
+        if kind == "admin":
+            self._ip(router, "link", "set", "dev", wan.device, "down" if faulty else "up")
+        elif kind == "deleted":
+            if faulty:
+                self._ip(router, "link", "del", "dev", wan.device)  # its ISP-side peer goes too
+            else:
+                self._veth(
+                    (router, wan.device, f"{wan.address}/24"), (isp, "down", f"{wan.gateway}/24")
+                )
+                self.set_bandwidth(i, self.bandwidth[i - 1])
+        elif kind == "renamed":
+            old, new = (wan.device, f"{wan.device}x") if faulty else (f"{wan.device}x", wan.device)
+            self._ip(router, "link", "set", "dev", old, "down")
+            self._ip(router, "link", "set", "dev", old, "name", new)
+            self._ip(router, "link", "set", "dev", new, "up")
+        elif kind == "address":
+            verb = "del" if faulty else "add"
+            self._ip(router, "addr", verb, f"{wan.address}/24", "dev", wan.device)
+        elif kind == "arp":
+            self._ip(isp, "link", "set", "dev", "down", "arp", "off" if faulty else "on")
+            if faulty:  # forget what the router knows, as a cache entry that ages out would
+                self._ip(router, "neigh", "flush", "dev", wan.device)
+        elif kind == "carrier":
+            self.set_link(i, up=not faulty)
+        else:
+            raise ValueError(f"unknown device fault {kind!r}; known: {', '.join(DEVICE_FAULTS)}")
 
     def set_upstream(self, i: int, up: bool) -> None:
         """Silent upstream failure of ISP i: the far side of its uplink goes down (the Internet

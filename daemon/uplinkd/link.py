@@ -85,7 +85,7 @@ _S = LinkState
 # the public inputs below stay the only way in.
 _GRAPH: Final = (
     _Edge("_fail", (_S.INIT, _S.UP), _S.DOWN, conditions=("_failing",)),
-    _Edge("_drop", (_S.INIT, _S.UP), _S.DOWN),  # carrier lost, NetworkManager down
+    _Edge("_drop", (_S.INIT, _S.UP), _S.DOWN),  # carrier lost, NetworkManager down, no routes
     _Edge("_recover", (_S.INIT, _S.DOWN, _S.LONG_DOWN), _S.UP, ("_healthy",), ("_blocked",)),
     _Edge("_expire", (_S.DOWN,), _S.LONG_DOWN, conditions=("_long_down_due",)),
     _Edge("_disable", (_S.INIT, _S.UP, _S.DOWN, _S.LONG_DOWN), _S.DISABLED),
@@ -124,6 +124,7 @@ class Link:
         self.held_until: float | None = None
         self._carrier = True
         self._nm_down = False
+        self._routes_missing = False  # the kernel refused the link's routes (device admin-down...)
         self._hold_s: float | None = None  # the hold-down this down spell started with
         self._flaps = 0
         self._targets: dict[str, deque[float | None]] = {}
@@ -183,6 +184,26 @@ class Link:
         self._carrier = False
         self._received_in_row = 0
         return self._fire("_drop", now, lambda: "carrier lost")
+
+    def routes_installed(self, now: float) -> list[Transition]:
+        """The link's routes are in the kernel (again): probing decides, from clean counters (the
+        probes sent while they were missing had no route through the link)."""
+        if self._routes_missing:
+            self._routes_missing = False
+            self._reset_counters()
+        return []
+
+    def routes_refused(self, now: float, reason: str) -> list[Transition]:
+        """The kernel refused the link's routes (device administratively down, gone mid-apply,
+        gateway unreachable): it cannot carry traffic, down at once, no recovery until they
+        are in."""
+        self._routes_missing = True
+        self._received_in_row = 0
+        return self._fire("_drop", now, lambda: f"its routes cannot be installed: {reason}")
+
+    @property
+    def routes_missing(self) -> bool:
+        return self._routes_missing
 
     def notify(self, action: str, now: float) -> list[Transition]:
         """A NetworkManager dispatcher action for this link's device."""
@@ -301,7 +322,7 @@ class Link:
 
     def _blocked(self, now: float) -> bool:
         held = self.held_until is not None and now < self.held_until
-        return held or not self._carrier or self._nm_down
+        return held or not self._carrier or self._nm_down or self._routes_missing
 
     def _long_down_due(self, now: float) -> bool:
         return now - self.since >= self.monitor.long_down_time

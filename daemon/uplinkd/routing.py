@@ -51,6 +51,9 @@ class RoutingChanges:
     rules_removed: int = 0
     # Planned routes left out because a foreign route holds the same place outside our tables.
     conflicts: list[str] = field(default_factory=list)
+    # Devices whose routes the kernel refused (down, gone, gateway unreachable), with the reason;
+    # their other planned routes were not tried and their routes in the kernel were kept.
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -298,13 +301,18 @@ def _route_state(spec: RouteSpec, oif: int) -> tuple[Any, ...]:
     return (spec.table, spec.dst, oif, spec.gateway, spec.src, scope)
 
 
-def _failure(what: str, exc: NetlinkError) -> ApplyError:
+def _reason(exc: NetlinkError) -> str:
     reason = {
         errno.ENETUNREACH: "gateway not reachable from the device (or device gone)",
         errno.ENODEV: "device does not exist",
+        errno.ENETDOWN: "device is administratively down",
         errno.EINVAL: "invalid for the kernel",
     }.get(exc.code, exc.args[1] if len(exc.args) > 1 else str(exc))
-    return ApplyError(f"{what}: {reason} (netlink error {exc.code})")
+    return f"{reason} (netlink error {exc.code})"
+
+
+def _failure(what: str, exc: NetlinkError) -> ApplyError:
+    return ApplyError(f"{what}: {_reason(exc)}")
 
 
 async def _delete_route(ipr: AsyncIPRoute, route: KernelRoute) -> bool:
@@ -350,32 +358,43 @@ def _gateway_last(routes: Sequence[KernelRoute]) -> list[KernelRoute]:
 async def _place_routes(
     ipr: AsyncIPRoute, plan: Plan, routes: list[KernelRoute], changes: RoutingChanges
 ) -> set[tuple[int, IPv4Network, int, int]]:
-    """Replace the planned routes that differ; return the kernel keys the plan now holds."""
+    """Replace the planned routes that differ; return the kernel keys to keep.
+
+    A device that refuses a route (administratively down, gone since discovery, gateway not
+    reachable) costs only its own routes: the rest of them are skipped, what the kernel still
+    holds in their place is kept, and the device is named in `changes.failed`. The other
+    devices' routes go in regardless, so one link's device never blocks the others.
+    """
     devices = await _device_indexes(ipr)
-    wanted: dict[tuple[int, IPv4Network], tuple[RouteSpec, int]] = {}
+    wanted: dict[tuple[int, IPv4Network], RouteSpec] = {}
     for spec in ordered_routes(plan.routes):
-        if spec.device not in devices:
-            raise ApplyError(f"route {route_text(spec)}: device {spec.device} does not exist")
         if (spec.table, spec.dst) in wanted:
             raise ApplyError(f"route {route_text(spec)}: the plan holds two routes for it")
-        wanted[(spec.table, spec.dst)] = (spec, devices[spec.device])
+        wanted[(spec.table, spec.dst)] = spec
 
     our_states = {r.state for r in routes if r.protocol == const.RTPROT_UPLINKD}
     foreign_keys = {r.key for r in routes if r.protocol != const.RTPROT_UPLINKD}
     placed: set[tuple[int, IPv4Network, int, int]] = set()
-    for (table, dst), (spec, oif) in wanted.items():
+    for (table, dst), spec in wanted.items():
         key = (table, dst, 0, 0)
         if table not in plan.tables and key in foreign_keys:
             # Outside our tables a route of someone else's stays; replacing it would make it ours.
             changes.conflicts.append(f"route {route_text(spec)}: a foreign route holds its place")
             continue
-        placed.add(key)
+        placed.add(key)  # placed now, or failed: then what the kernel holds there stays
+        if spec.device in changes.failed:
+            continue
+        oif = devices.get(spec.device)
+        if oif is None:
+            changes.failed[spec.device] = "device does not exist"
+            continue
         if _route_state(spec, oif) in our_states:
             continue
         try:
             await ipr.route("replace", **_route_args(spec, oif))
         except NetlinkError as exc:
-            raise _failure(f"route {route_text(spec)}", exc) from exc
+            changes.failed[spec.device] = f"route {route_text(spec)}: {_reason(exc)}"
+            continue
         changes.routes_added += 1
     return placed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -16,7 +17,6 @@ from typing import TypeVar
 import pytest
 from pyroute2 import AsyncIPRoute
 from uplinkd import const, discovery, routing
-from uplinkd.errors import ApplyError
 from uplinkd.model import Firewall, LinkConfig
 from uplinkd.plan import Plan, RouteSpec, RuleAction, RuleSpec
 
@@ -201,13 +201,27 @@ def test_a_rule_of_ours_differing_in_one_field_is_replaced(ns: str) -> None:
     assert ip(ns, "rule") == EXPECTED_RULES
 
 
-def test_errors_name_the_route(ns: str) -> None:
-    gone = dataclasses.replace(PLAN, routes=(RouteSpec(201, DEFAULT, "wan9", A("10.0.1.1")),))
-    with pytest.raises(ApplyError, match=r"route default via 10\.0\.1\.1 dev wan9 table 201.*wan9"):
-        run(ns, lambda ipr: routing.sync(ipr, gone))
-    far = dataclasses.replace(PLAN, routes=(RouteSpec(201, DEFAULT, "wan1", A("192.0.2.9")),))
-    with pytest.raises(ApplyError, match=r"default via 192\.0\.2\.9 dev wan1 table 201.*reach"):
-        run(ns, lambda ipr: routing.sync(ipr, far))
+def test_a_refused_device_is_named_and_costs_only_its_own_routes(ns: str) -> None:
+    ok = RouteSpec(202, DEFAULT, "wan2", A("10.0.2.1"))
+    gone = dataclasses.replace(PLAN, routes=(RouteSpec(201, DEFAULT, "wan9", A("10.0.1.1")), ok))
+    changes = run(ns, lambda ipr: routing.sync(ipr, gone))
+    assert changes.failed == {"wan9": "device does not exist"}
+    assert "default via 10.0.2.1 dev wan2" in ip(ns, "route", "show", "table", "202")
+    far = dataclasses.replace(PLAN, routes=(RouteSpec(201, DEFAULT, "wan1", A("192.0.2.9")), ok))
+    changes = run(ns, lambda ipr: routing.sync(ipr, far))
+    assert re.fullmatch(
+        r"route default via 192\.0\.2\.9 dev wan1 table 201 .*reach.*", changes.failed["wan1"]
+    )
+    assert "default via 10.0.2.1 dev wan2" in ip(ns, "route", "show", "table", "202")
+    ip(ns, "link", "set", "wan1", "down")  # administratively down: the kernel refuses routes
+    try:
+        changes = run(ns, lambda ipr: routing.sync(ipr, PLAN))
+        assert "administratively down" in changes.failed["wan1"]
+        assert "wan2" not in changes.failed
+        assert "default via 10.0.2.1 dev wan2" in ip(ns, "route", "show", "table", "202")
+    finally:
+        ip(ns, "link", "set", "wan1", "up")
+    assert run(ns, lambda ipr: routing.sync(ipr, PLAN)).failed == {}
     run(ns, routing.remove_all)
 
 

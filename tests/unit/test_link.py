@@ -194,6 +194,35 @@ def test_carrier_loss_from_init() -> None:
     assert (t.old, t.new) == (LinkState.INIT, LinkState.DOWN)
 
 
+def test_refused_routes_take_the_link_down_until_they_are_in_again() -> None:
+    link, clock = up_link()
+    (t,) = link.routes_refused(clock.step(), "device is administratively down")
+    assert (t.old, t.new) == (LinkState.UP, LinkState.DOWN)
+    assert t.reason == "its routes cannot be installed: device is administratively down"
+    assert link.routes_missing
+    assert rounds(link, clock, "+" * 30) == []  # replies that found another way out: no recovery
+    assert link.routes_refused(clock.step(), "again") == []  # already down: no second change
+    assert link.routes_installed(clock.step()) == []  # probing decides, from clean counters
+    assert not link.routes_missing
+    assert link.stats().rounds == 0
+    assert rounds(link, clock, "++++") == []
+    (t,) = rounds(link, clock, "+")
+    assert (t.old, t.new) == (LinkState.DOWN, LinkState.UP)
+
+
+def test_refused_routes_of_a_down_or_new_link_still_block_recovery() -> None:
+    for start in ("init", "down"):
+        link, clock = make()
+        if start == "down":
+            link.carrier(False, clock.step())
+            link.carrier(True, clock.step())
+        link.routes_refused(clock.step(), "device does not exist")
+        assert link.state is LinkState.DOWN
+        assert rounds(link, clock, "+" * 30) == []
+        link.routes_installed(clock.step())
+        assert rounds(link, clock, "+" * 5)[-1].new is LinkState.UP
+
+
 def test_carrier_up_while_up_keeps_the_loss_window() -> None:
     link, clock = up_link()
     rounds(link, clock, "--")

@@ -1,0 +1,45 @@
+"""Every kind of device event a router sees on a WAN, for each link, the first one included (root).
+
+The daemon runs weighted 1:1 over ISP1 and ISP2 with probes through each link. For each event
+(tests/../lab.py `set_device_fault`: admin down, deleted and recreated, renamed, address removed,
+gateway silent on ARP, carrier loss) on ISP1 and on ISP2: new connections go only through the
+other link while it lasts, every apply succeeds (one link's device never blocks the plan for the
+others), and the link is used again once the event is over. The bounds are generous limits for
+correctness; the times are measured by the benchmarks (tests/bench/device_events.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab
+
+from .conftest import Uplinkd, needs_root, wait_until
+from .test_failover import MONITORED, both_used, start
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+
+def via_only(lab: Lab, isp: str, count: int = 20) -> bool:
+    result = lab.connect_many(lab.ns_lan, INET_HOST, 80, count, timeout=1.0)
+    return result.counts_by_isp().get(isp, 0) == count
+
+
+@pytest.mark.parametrize("kind", DEVICE_FAULTS)
+@pytest.mark.parametrize("isp", [1, 2])
+def test_device_event_moves_traffic_and_the_link_returns(
+    lab2: Lab, uplinkd: Uplinkd, isp: int, kind: str
+) -> None:
+    name, other = f"ISP{isp}", f"ISP{3 - isp}"
+    daemon = start(uplinkd, uplinkd.write_config(MONITORED.format(extra_target="")))
+    assert wait_until(lambda: both_used(lab2), 10), daemon.log.text
+    try:
+        lab2.set_device_fault(isp, kind, faulty=True)
+        assert daemon.log.wait_for(f"link {name}: up -> down", 10), daemon.log.text
+        assert wait_until(lambda: via_only(lab2, other), 5), daemon.log.text
+        assert wait_until(lambda: via_only(lab2, other), 1), daemon.log.text  # and it stays
+    finally:
+        lab2.set_device_fault(isp, kind, faulty=False)
+    assert daemon.log.wait_for(f"link {name}: down -> up", 15), daemon.log.text
+    assert wait_until(lambda: both_used(lab2), 5), daemon.log.text
+    assert "apply failed" not in daemon.log.text
+    assert "internal" not in daemon.log.text
