@@ -34,6 +34,10 @@ TIMEOUT_S: Final = 30.0
 # conntrack-tools prints the count on stderr, e.g.
 # "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted."
 DELETED = re.compile(r"(\d+) flow entries have been deleted")
+# conntrack -D dumps the matching entries, then deletes them one by one; an entry that expired
+# (or that another deleter took) in between makes 1.4.7 stop there with this message, exit 1 and
+# no count, leaving the rest. The entry is gone, which is what was asked: run again for the rest.
+VANISHED = "such conntrack doesn't exist"
 
 
 def command(
@@ -45,8 +49,15 @@ def command(
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
+class VanishedEntryError(ApplyError):
+    """An entry vanished between conntrack's dump and its delete; the pass stopped there."""
+
+    deleted = 0  # entries the pass deleted before it stopped
+
+
 def deleted_count(returncode: int, stderr: str) -> int:
-    """How many entries the run deleted; ApplyError if it failed.
+    """How many entries the run deleted; ApplyError if it failed (VanishedEntryError if it stopped
+    on an entry that was already gone).
 
     conntrack exits 1 when nothing matched ("0 flow entries have been deleted"): not an error.
     """
@@ -54,6 +65,8 @@ def deleted_count(returncode: int, stderr: str) -> int:
     if found is not None and (returncode == 0 or int(found.group(1)) == 0):
         return int(found.group(1))
     reason = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
+    if VANISHED in reason:
+        raise VanishedEntryError(reason)
     raise ApplyError(f"conntrack could not delete the entries: {reason}")
 
 
@@ -79,22 +92,55 @@ async def forget_mark(
             "the conntrack command is missing: install the conntrack package (conntrack-tools)"
         )
     argv = command(mark, mask, netns, filters)
+    deleted, passes = 0, 0
+    try:
+        async with asyncio.timeout(TIMEOUT_S):  # all passes together
+            while True:
+                passes += 1
+                try:
+                    return deleted + await _delete(argv)
+                except VanishedEntryError as exc:
+                    deleted += exc.deleted  # each pass deletes what it dumped before the gap
+    except TimeoutError:
+        raise ApplyError(
+            f"{' '.join(argv)} timed out after {TIMEOUT_S:g} s ({passes} passes, {deleted} deleted)"
+        ) from None
+
+
+async def _delete(argv: list[str]) -> int:
+    """One conntrack -D pass: the entries it deleted (a VanishedEntryError carries them too)."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,  # one line per deleted entry: not needed
+            stdout=asyncio.subprocess.PIPE,  # one line per deleted entry: counted, not kept
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "LC_ALL": "C"},
         )
     except OSError as exc:
         raise ApplyError(f"cannot run {argv[0]}: {exc}") from exc
+    stdout, stderr_stream = proc.stdout, proc.stderr
+    if stdout is None or stderr_stream is None:  # both are pipes above: never the case
+        raise ApplyError(f"{argv[0]}: no output pipes")
     try:
-        async with asyncio.timeout(TIMEOUT_S):
-            _, stderr = await proc.communicate()
-    except TimeoutError:
+        lines, stderr, _ = await asyncio.gather(
+            _count_lines(stdout), stderr_stream.read(), proc.wait()
+        )
+    except asyncio.CancelledError:  # the caller's time is up: the process must not outlive it
         proc.kill()
         await proc.wait()
-        raise ApplyError(f"{' '.join(argv)} timed out after {TIMEOUT_S:g} s") from None
+        raise
     returncode = proc.returncode if proc.returncode is not None else -1
-    return deleted_count(returncode, stderr.decode(errors="replace"))
+    try:
+        return deleted_count(returncode, stderr.decode(errors="replace"))
+    except VanishedEntryError as exc:
+        exc.deleted = lines  # the count line is missing: the lines printed say how many went
+        raise
+
+
+async def _count_lines(stream: asyncio.StreamReader) -> int:
+    """Newlines in the stream, read in chunks so a huge table costs no memory."""
+    count = 0
+    while chunk := await stream.read(65536):
+        count += chunk.count(b"\n")
+    return count

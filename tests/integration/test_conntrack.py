@@ -119,6 +119,40 @@ def test_deleted_count() -> None:
         conntrack.deleted_count(2, "")
 
 
+@needs_root
+def test_entries_vanishing_meanwhile_are_no_failure(ns: str) -> None:
+    """Two deleters of one mark at once: each dumps entries the other then deletes, so conntrack
+    stops with "such conntrack doesn't exist" (as when entries expire under churn)."""
+    many = 20_000
+    lines = "".join(
+        f"-I -s 10.9.{k // 250}.{k % 250 + 1} -d 192.0.2.9 -p udp --sport 1024 --dport 53"
+        f" -t 300 --mark {0x100}\n"
+        for k in range(many)
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "conntrack", "-R", "-"], input=lines, text=True, check=True
+    )
+
+    async def both() -> list[int]:
+        return list(
+            await asyncio.gather(
+                conntrack.forget_mark(0x100, MASK, netns=ns),
+                conntrack.forget_mark(0x100, MASK, netns=ns),
+            )
+        )
+
+    counts = asyncio.run(both())
+
+    assert sum(counts) == many + 6  # every entry deleted once, by one of them
+    assert remaining(ns) == {src: mark for src, _, mark in ENTRIES if mark & MASK != 0x100}
+
+
+def test_vanished_entry_is_told_apart() -> None:
+    banner = "conntrack v1.4.7 (conntrack-tools): "
+    with pytest.raises(conntrack.VanishedEntryError):
+        conntrack.deleted_count(1, banner + "Operation failed: such conntrack doesn't exist\n")
+
+
 def test_mark_outside_mask_is_refused() -> None:
     with pytest.raises(ValueError, match="outside the mask"):
         asyncio.run(conntrack.forget_mark(0x1, MASK))
