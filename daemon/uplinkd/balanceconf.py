@@ -11,7 +11,11 @@ The format is Net-ISP-Balance 1.x's (its etc/balance.conf and Net::ISP::Balance'
     interval_ms=1000                  # foolsm's probe settings apply to every link
 
 Columns after the role are optional and 'default' in any of them keeps the default (weight 1, the
-discovered gateway); extra trailing columns are ignored, as Net-ISP-Balance ignored them. Options
+discovered gateway); extra trailing columns are ignored, as Net-ISP-Balance ignored them. Service
+names are case-insensitive: load_balance.pl upper-cased the names on its command line, so
+'cable' there meant the service CABLE; two services differing only in case are refused, and a
+forwarding_group may name a service in any case. A ping-ip host name is resolved by the daemon
+while it runs (resolving.py), never here, so a router that boots before DNS works starts. Options
 Net-ISP-Balance or foolsm knew but uplinkd has no use for are accepted and ignored; any other
 option is refused. Net-ISP-Balance always installed its restrictive firewall, with one forwarding
 group of every service unless forwarding_group says otherwise, so the firewall is on here.
@@ -21,14 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .model import Config, Firewall, LanConfig, LinkConfig, Method, Monitor, Rule
 from .validate import (
+    MAX_WEIGHT,
     MONITOR_KEYS,
     MONITOR_LIMITS,
     At,
@@ -36,17 +39,16 @@ from .validate import (
     check_device,
     check_monitor,
     check_name,
+    check_range,
     expand_group,
     parse_ipv4,
+    parse_target,
     validate,
 )
 
-Resolver = Callable[[str], ipaddress.IPv4Address]
-
 _OPTION = re.compile(r"(\w+)\s*=\s*(.*)")  # Net-ISP-Balance's own pattern for option lines
 _MODES = {"balanced": Method.WEIGHTED, "failover": Method.PRIORITY}
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST = re.compile(rf"(?![\d.]+$)(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,30}")  # ASCII digits (isdigit takes "²"); int() is bounded
 # Options Net-ISP-Balance or foolsm understood that uplinkd does without: accepted and ignored.
 IGNORED_KEYS = frozenset(
     {
@@ -60,12 +62,6 @@ IGNORED_KEYS = frozenset(
         "bal_conf_file", "log_file", "dummy_data", "keep_custom_chains", "iptables_verbose",
     }
 )  # fmt: skip
-
-
-def resolve_ipv4(host: str) -> ipaddress.IPv4Address:
-    """The first IPv4 address of host; foolsm, too, resolved its checkip when reading its config."""
-    found = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_DGRAM)
-    return ipaddress.IPv4Address(found[0][4][0])
 
 
 def _content(raw: str) -> str:
@@ -92,17 +88,18 @@ def is_balance_conf(text: str) -> bool:
 class _Isp(NamedTuple):
     name: str
     device: str
-    target: ipaddress.IPv4Address | None  # None: probe the gateway
+    target: ipaddress.IPv4Address | str | None  # a host name is resolved later; None: gateway
     weight: int
     gateway: ipaddress.IPv4Address | None
     line: int
 
 
-def parse_balance_conf(text: str, path: Path, resolve: Resolver = resolve_ipv4) -> Config:
-    """Parse a balance.conf; ping-ip host names are resolved with resolve."""
+def parse_balance_conf(text: str, path: Path) -> Config:
+    """Parse a balance.conf (ping-ip host names are kept as names, for the daemon to resolve)."""
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
     isps: list[_Isp] = []
     lans: list[LanConfig] = []
-    seen: dict[tuple[str, str], int] = {}  # ("service" or "device", value): its line
+    seen: dict[tuple[str, str], tuple[int, str]] = {}  # (key, folded value): (line, value)
     options: dict[str, tuple[int, str]] = {}  # key: (line, value); the last one wins, as in Perl
     groups: list[tuple[int, list[str]]] = []
     for number, raw in enumerate(text.splitlines(), 1):
@@ -121,13 +118,18 @@ def parse_balance_conf(text: str, path: Path, resolve: Resolver = resolve_ipv4) 
                     "accepted and ignored)"
                 )
         elif line:
-            row = _service(line.split(), At(path, number), resolve)
-            for key, value in (("service", row.name), ("device", row.device)):
-                if (key, value) in seen:
-                    first = seen[key, value]
-                    message = f"duplicate {key} '{value}' (already used at line {first})"
+            row = _service(line.split(), At(path, number))
+            # Service names are case-insensitive; device names are not, as in the kernel.
+            for key, value, folded in (
+                ("service", row.name, row.name.casefold()),
+                ("device", row.device, row.device),
+            ):
+                if (key, folded) in seen:
+                    first, spelled = seen[key, folded]
+                    also = f" as '{spelled}'" if spelled != value else ""
+                    message = f"duplicate {key} '{value}' (already used at line {first}{also})"
                     raise At(path, number, key).error(message)
-                seen[key, value] = number
+                seen[key, folded] = (number, value)
             if isinstance(row, LanConfig):
                 lans.append(row)
             else:
@@ -182,7 +184,7 @@ def _option_at(path: Path, line: int, option: str) -> AtFn:
     return at
 
 
-def _service(fields: list[str], at: At, resolve: Resolver) -> _Isp | LanConfig:
+def _service(fields: list[str], at: At) -> _Isp | LanConfig:
     """One service table row: service device role [ping-ip [weight [gateway]]] [ignored...]."""
     if len(fields) < 3:
         raise at.error(
@@ -203,7 +205,7 @@ def _service(fields: list[str], at: At, resolve: Resolver) -> _Isp | LanConfig:
     return _Isp(
         name=name,
         device=device,
-        target=_target(ping, At(at.path, at.line, "ping-ip"), resolve),
+        target=None if ping == "default" else parse_target(ping, At(at.path, at.line, "ping-ip")),
         weight=_weight(weight, At(at.path, at.line, "weight")),
         gateway=None
         if gateway == "default"
@@ -212,22 +214,12 @@ def _service(fields: list[str], at: At, resolve: Resolver) -> _Isp | LanConfig:
     )
 
 
-def _target(ping: str, at: At, resolve: Resolver) -> ipaddress.IPv4Address | None:
-    if ping == "default":
-        return None  # probe the link's gateway
-    if not _HOST.fullmatch(ping):
-        return parse_ipv4(ping, at, "an IPv4 address or a host name")
-    try:
-        return resolve(ping)
-    except (OSError, ValueError) as error:
-        raise at.error(f"cannot resolve '{ping}' to an IPv4 address ({error})") from None
-
-
 def _weight(text: str, at: At) -> int:
     if text == "default":
         return 1
-    if not text.isdigit() or int(text) < 1:
+    if not _WHOLE_NUMBER.fullmatch(text) or int(text) < 1:
         raise at.error(f"'{text}' is not a weight; use a positive integer (1, 2, ...) or 'default'")
+    check_range(int(text), 1, MAX_WEIGHT, at)
     return int(text)
 
 
@@ -237,8 +229,9 @@ def _monitor(options: dict[str, tuple[int, str]], at: AtFn) -> Monitor:
     for key in MONITOR_LIMITS:
         if key in options:
             value = options[key][1]
-            if not value.isdigit():
-                raise at(key).error(f"'{value}' is not a whole number")
+            if not _WHOLE_NUMBER.fullmatch(value):
+                low, high = MONITOR_LIMITS[key]
+                raise at(key).error(f"'{value}' is not a whole number from {low} to {high}")
             changes[key] = int(value)
     if "warn_email" in options:
         changes["warn_email"] = options["warn_email"][1]

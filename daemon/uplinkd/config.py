@@ -14,7 +14,7 @@ from pathlib import Path
 from . import balanceconf
 from .errors import ConfigError
 from .model import Config
-from .tomlconf import ROOT_KEYS, parse_toml
+from .tomlconf import BOM, ROOT_KEYS, parse_toml
 from .validate import validate
 
 __all__ = ["load", "parse", "parse_toml", "validate"]
@@ -31,6 +31,7 @@ def load(path: Path) -> Config:
 
 def parse(text: str, path: Path) -> Config:
     """Parse configuration text of either format, told apart by content, not by file name."""
+    text = text.removeprefix(BOM)  # a UTF-8 byte order mark, as some editors write
     try:
         data: dict[str, object] | None = tomllib.loads(text)
         toml_error = ""

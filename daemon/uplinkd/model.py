@@ -59,7 +59,9 @@ class LinkConfig:
     gateway: ipaddress.IPv4Address | None = None  # None: discover
     weight: int = 1
     priority: int = 1  # 1 = first choice for priority rules
-    targets: tuple[ipaddress.IPv4Address, ...] = ()  # empty: probe the link's gateway
+    # Addresses, and host names resolved while the daemon runs (resolving.py); empty: probe
+    # the link's gateway.
+    targets: tuple[ipaddress.IPv4Address | str, ...] = ()
     reliability: int = 1
     bandwidth_down_mbps: float | None = None
     bandwidth_up_mbps: float | None = None
@@ -72,7 +74,7 @@ class LinkConfig:
 class LanConfig:
     name: str
     device: str
-    line: int = 0
+    line: int = 0  # where it was defined: errors and the warning for a device that is missing
 
 
 @dataclass(frozen=True)

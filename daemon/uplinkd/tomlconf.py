@@ -2,7 +2,8 @@
 
 tomllib reads the text; _TomlReader turns its data into a model.Config with the checks of
 validate.py, so an error reads as it does for balance.conf: file, line, key, what is allowed.
-tomllib reports no positions, so _Locator finds the line of a table or key in the source text.
+tomllib reports no positions, so _Locator finds the line of a table or key in the source text
+(and, for tomllib's syntax errors, which give a line but no key, the key written on that line).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .model import (
 from .validate import (
     BACKENDS,
     MAIL_KEYS,
+    MAX_ICMP_RATE,
     MONITOR_KEYS,
     MONITOR_LIMITS,
     At,
@@ -56,8 +58,11 @@ from .validate import (
     parse_method,
     parse_network,
     parse_port_range,
+    parse_target,
     validate,
 )
+
+BOM = "\ufeff"  # editors on Windows start UTF-8 files with it; TOML itself does not allow it
 
 # The top-level keys and tables; config.parse() also uses them to recognise a TOML configuration.
 ROOT_KEYS = (
@@ -77,21 +82,35 @@ ROOT_KEYS = (
 
 def parse_toml(text: str, path: Path) -> Config:
     """Parse uplinkd's native TOML format (see data/examples/uplinkd.toml)."""
+    text = text.removeprefix(BOM)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        where = re.search(r"\(at line (\d+), column \d+\)", str(error))
-        message = re.sub(r"\s*\(at [^)]*\)$", "", str(error))
-        line = int(where.group(1)) if where else 0
-        raise ConfigError(path, f"malformed TOML: {message}", line=line) from None
+        raise _syntax_error(error, text, path) from None
     config = _TomlReader(text, path).config(data)
     validate(config)
     return config
 
 
+def _syntax_error(error: tomllib.TOMLDecodeError, text: str, path: Path) -> ConfigError:
+    """tomllib's message with its line, and the key written at that line (or the table)."""
+    where = re.search(r"\(at line (\d+), column (\d+)\)", str(error))
+    message = re.sub(r"\s*\(at [^)]*\)$", "", str(error))
+    if where:
+        line, column = int(where.group(1)), int(where.group(2))
+        message += f" (column {column})"
+    else:  # "at end of document": what was left open started on an earlier line
+        line = len(text.splitlines())
+        message += " (at the end of the file: something is left open)"
+    key = _Locator(text).key_at(line)
+    return ConfigError(path, f"malformed TOML: {message}", line=line, key=key)
+
+
 # --- line numbers --------------------------------------------------------------------------------
 
 _HEADER = re.compile(r"\s*\[\[?\s*([\w.\-\"' ]+?)\s*\]\]?\s*(?:#.*)?")
+_KEY = re.compile(r"\s*([\w\-]+(?:\s*\.\s*[\w\-]+)*|\"[^\"]*\")\s*=")
+_OPEN_HEADER = re.compile(r"\s*\[\[?\s*([\w.\-]+)")  # also "[link" without its ']'
 _STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
 
 
@@ -111,6 +130,23 @@ class _Locator:
             code = _STRING.sub("", raw).split("#", 1)[0]
             depth += sum(code.count(c) for c in "[{") - sum(code.count(c) for c in "]}")
             depth = max(depth, 0)
+
+    def key_at(self, line: int) -> str:
+        """The dotted key (with its table) written at or last before `line`, for errors that
+        have a line but no key; "" when there is none."""
+        if not 1 <= line <= len(self.lines):
+            return ""
+        header = _OPEN_HEADER.match(self.lines[line - 1])
+        if header:
+            return header.group(1)
+        table = next((h for n, h in reversed(self.headers) if n < line), "")
+        start = next((n for n, _ in reversed(self.headers) if n < line), 0)
+        for number in range(line, start, -1):
+            found = _KEY.match(self.lines[number - 1])
+            if found:
+                key = ".".join(p.strip(' "') for p in found.group(1).split("."))
+                return ".".join(p for p in (table, key) if p)
+        return table
 
     def _span(self, name: str, index: int | None, within: tuple[int, int]) -> tuple[int, int]:
         """(header line, last line) of table name, or of element index of an array of tables."""
@@ -330,7 +366,7 @@ class _TomlReader:
             else parse_ipv4(gateway, self.at(table, "gateway"), 'an IPv4 address or "auto"'),
             weight=self.integer(table, "weight", 1),
             priority=self.integer(table, "priority", (table.element or 0) + 1),
-            targets=tuple(parse_ipv4(t, self.at(table, "targets", t)) for t in targets),
+            targets=tuple(parse_target(t, self.at(table, "targets", t)) for t in targets),
             reliability=self.integer(table, "reliability", 1),
             bandwidth_down_mbps=float(down) if isinstance(down, int | float) else None,
             bandwidth_up_mbps=float(up) if isinstance(up, int | float) else None,
@@ -428,7 +464,7 @@ class _TomlReader:
         at = self.at_fn(table)
         groups = tuple(expand_group([str(m) for m in group], links, lans, at) for group in raw)
         rate = self.integer(table, "icmp_rate_per_second", 10)
-        check_range(rate, 1, None, self.at(table, "icmp_rate_per_second"))
+        check_range(rate, 1, MAX_ICMP_RATE, self.at(table, "icmp_rate_per_second"))
         return Firewall(
             enabled=self.flag(table, "enabled", default=False),
             forwarding_groups=groups,

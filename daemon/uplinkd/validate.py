@@ -33,21 +33,43 @@ PROTOCOLS = ("tcp", "udp", "icmp")
 FORWARD_PROTOCOLS = ("tcp", "udp")
 BACKENDS = ("nftables", "iptables", "auto")
 MONITOR_KEYS = tuple(f.name for f in fields(Monitor))
-# Lowest and highest value of each numeric Monitor key (None: no upper bound).
-MONITOR_LIMITS: Mapping[str, tuple[int, int | None]] = {
-    "interval_ms": (10, None),
-    "timeout_ms": (1, None),
-    "max_packet_loss": (0, 100),
-    "max_successive_pkts_lost": (1, None),
-    "min_packet_loss": (0, 100),
-    "min_successive_pkts_rcvd": (1, None),
-    "long_down_time": (0, None),
+# Lowest and highest value of each numeric Monitor key.
+MONITOR_LIMITS: Mapping[str, tuple[int, int]] = {
+    # 10 ms: faster rounds only measure the probe's own cost; a minute: slower ones no longer
+    # watch a link (20 rounds, the loss window, would span 20 minutes).
+    "interval_ms": (10, 60_000),
+    # A reply later than a minute is a lost probe on any path (rounds overlap: no tie to interval).
+    "timeout_ms": (1, 60_000),
+    "max_packet_loss": (0, 100),  # percent
+    # 1000 rounds in a row: past that, a dead link would stay up for hours even at 10 ms rounds.
+    "max_successive_pkts_lost": (1, 1000),
+    "min_packet_loss": (0, 100),  # percent
+    "min_successive_pkts_rcvd": (1, 1000),  # as max_successive_pkts_lost
+    "long_down_time": (0, 7 * 86_400),  # seconds; a week is long down by any measure
 }
 MAIL_KEYS = tuple(f.name for f in fields(MailSettings))
 SMTP_PORT = 25
 SMTPS_PORT = 465  # TLS from the first byte, so STARTTLS does not apply
+# Weights become map buckets: when no exact split of at most const.MAX_EXACT_BUCKETS exists the
+# map has one bucket per unit of total weight, so 1000 per link keeps it loadable (254 links).
+MAX_WEIGHT = 1000
+MAX_PRIORITY = 0xFFFF_FFFF  # an order only; published on D-Bus as a uint32
+# 1 Tbit/s: above any uplink; rates are compared as floats in bit/s (inf and nan are refused).
+MAX_BANDWIDTH_MBPS = 1_000_000.0
+# iptables' limit match takes at most 10000/s (XT_LIMIT_SCALE), and both backends render it.
+MAX_ICMP_RATE = 10_000
+MAX_MAILS_PER_HOUR = 3600  # one a second: more is a flood, not an alert
+MAX_MAIL_TIMEOUT_S = 300.0  # an SMTP exchange stuck for 5 minutes will not recover
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
-_DEVICE = re.compile(r"[^\s/]{1,15}")  # the kernel's IFNAMSIZ; ':' allowed for alias labels
+_IFNAMSIZ = 16  # the kernel's limit on device names, including the terminating NUL byte
+# What the kernel refuses in a device name (dev_valid_name: '/', ':', white space), and what
+# cannot be written safely into the nftables ruleset or `ip -batch` input, quoted or not:
+# quotes end a string, '#' starts a comment, ';' '{' '}' end statements and blocks, '$' names
+# a variable, '\\' escapes and '*' is a wildcard in an interface name match.
+_DEVICE_REFUSED = frozenset("/:\"'`#;{}$\\*")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# A host name (RFC 1123 labels, at most 253 characters); all digits and dots is an address.
+_HOST = re.compile(rf"(?![\d.]+$)(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _MAIN_RULE_PRIORITY = 32766  # the kernel's "lookup main" rule; uplinkd's rules must come first
 _RESERVED_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -96,10 +118,35 @@ def check_name(name: str, at: At) -> None:
 
 
 def check_device(device: str, at: At) -> None:
+    """A name the kernel accepts for a device and that can be written into the ruleset."""
     if not device:
         raise at.error("a device is required, e.g. 'eth0'")
-    if device in {".", ".."} or not _DEVICE.fullmatch(device):
-        raise at.error(f"invalid device name '{device}': 1-15 characters, no '/' or spaces")
+    refused = sorted({c for c in device if c in _DEVICE_REFUSED or not c.isprintable()})
+    refused += sorted({c for c in device if c.isspace()} - set(refused))
+    if refused or device in {".", ".."} or len(device.encode()) >= _IFNAMSIZ:
+        why = f"it contains {', '.join(repr(c) for c in refused)}; " if refused else ""
+        raise at.error(
+            f"invalid device name {device!r}: {why}a device name is 1-15 bytes without white "
+            "space or any of / : \" ' ` # ; { } $ \\ *"
+        )
+
+
+def parse_target(text: str, at: At) -> ipaddress.IPv4Address | str:
+    """A probe target: an IPv4 address, or a host name resolved when the daemon probes
+    (never here, so a router that boots before its DNS works still starts)."""
+    if _HOST.fullmatch(text):
+        return text
+    return parse_ipv4(text, at, "an IPv4 address or a host name")
+
+
+def same_name(name: str, names: Iterable[str]) -> str | None:
+    """The one of names that is name, else the one that is name in another case (names are
+    case-insensitive, as load_balance.pl upper-cased the services named on its command line)."""
+    known = list(names)
+    if name in known:
+        return name
+    folded = [known_name for known_name in known if known_name.casefold() == name.casefold()]
+    return folded[0] if len(folded) == 1 else None
 
 
 def parse_ipv4(text: str, at: At, what: str = "an IPv4 address") -> ipaddress.IPv4Address:
@@ -177,11 +224,12 @@ def expand_group(
 ) -> tuple[str, ...]:
     """A forwarding group: link and LAN names, ':isp' for every link, ':lan' for every LAN."""
     members: list[str] = []
-    for member in tokens:
-        if member not in {":isp", ":lan", *links, *lans}:
+    for token in tokens:
+        member = same_name(token, [":isp", ":lan", *links, *lans])
+        if member is None:
             known = listing([*links, *lans, ":isp", ":lan"])
-            message = f"unknown name '{member}' in a forwarding group; known: {known}"
-            raise at("forwarding_groups", member).error(message)
+            message = f"unknown name '{token}' in a forwarding group; known: {known}"
+            raise at("forwarding_groups", token).error(message)
         names = links if member == ":isp" else lans if member == ":lan" else [member]
         members += [name for name in names if name not in members]
     if not members:
@@ -192,10 +240,15 @@ def expand_group(
 # --- checks of one object, shared by both parsers and by validate() -------------------------------
 
 
-def check_range(value: int, low: int, high: int | None, at: At) -> None:
-    if value < low or (high is not None and value > high):
-        allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise at.error(f"{value} is out of range; it must be {allowed}")
+def check_range(value: float, low: float, high: float, at: At) -> None:
+    """low <= value <= high; nan is refused too (TOML has nan and inf)."""
+    if not low <= value <= high:
+        allowed = f"between {_number(low)} and {_number(high)}"
+        raise at.error(f"{_number(value)} is out of range; it must be {allowed}")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_monitor(monitor: Monitor, at: AtFn) -> None:
@@ -221,22 +274,28 @@ def check_mail(mail: MailSettings, at: AtFn) -> None:
             raise at(key).error(f"needs {other} too (SMTP login)")
     if (mail.username or mail.password) and not mail.smtp_server:
         raise at("username").error("applies only with smtp_server")
-    check_range(mail.max_per_hour, 1, None, at("max_per_hour"))
-    if not 0 < mail.timeout_s <= 300:
-        raise at("timeout_s").error(f"{mail.timeout_s} is out of range; it must be > 0 and <= 300")
+    check_range(mail.max_per_hour, 1, MAX_MAILS_PER_HOUR, at("max_per_hour"))
+    if not 0 < mail.timeout_s <= MAX_MAIL_TIMEOUT_S:
+        raise at("timeout_s").error(
+            f"{mail.timeout_s:g} is out of range; it must be > 0 and <= {MAX_MAIL_TIMEOUT_S:g}"
+        )
 
 
 def check_link(link: LinkConfig, at: AtFn) -> None:
     check_name(link.name, at("name"))
     check_device(link.device, at("device"))
-    check_range(link.weight, 1, None, at("weight"))
-    check_range(link.priority, 1, None, at("priority"))
-    for target in link.targets:
-        if target.is_unspecified or target.is_multicast or target == _BROADCAST:
+    check_range(link.weight, 1, MAX_WEIGHT, at("weight"))
+    check_range(link.priority, 1, MAX_PRIORITY, at("priority"))
+    folded = [str(target).casefold().rstrip(".") for target in link.targets]
+    for target, key in zip(link.targets, folded, strict=True):
+        if isinstance(target, str):
+            parse_target(target, at("targets", target))
+        elif target.is_unspecified or target.is_multicast or target == _BROADCAST:
             raise at("targets", target).error(f"{target} cannot be a probe target")
-        if link.targets.count(target) > 1:
+        if folded.count(key) > 1:
             raise at("targets", target).error(f"{target} is listed twice")
-    check_range(link.reliability, 1, None, at("reliability"))
+    if link.reliability < 1:
+        raise at("reliability").error(f"{link.reliability} is out of range; it must be at least 1")
     # No targets: the link's gateway is the one probe target.
     if link.reliability > max(1, len(link.targets)):
         raise at("reliability").error(
@@ -244,8 +303,11 @@ def check_link(link: LinkConfig, at: AtFn) -> None:
             f"{max(1, len(link.targets))}; reliability is at most the number of targets"
         )
     for which, mbps in (("down", link.bandwidth_down_mbps), ("up", link.bandwidth_up_mbps)):
-        if mbps is not None and not mbps > 0:
-            raise at(f"bandwidth_mbps.{which}").error("must be a positive number of Mbit/s")
+        if mbps is not None and not 0 < mbps <= MAX_BANDWIDTH_MBPS:
+            raise at(f"bandwidth_mbps.{which}").error(
+                f"{mbps:g} is not a bandwidth; use a number of Mbit/s above 0 and at most "
+                f"{MAX_BANDWIDTH_MBPS:g}"
+            )
     check_monitor(link.monitor, lambda key, value=None: at(f"monitor.{key}", value))
 
 
@@ -370,6 +432,8 @@ def validate(config: Config) -> None:
     lans = [lan.name for lan in config.lans]
     for group in config.firewall.forwarding_groups:
         expand_group(group, links, lans, line_at(path, 0, "firewall"))
+    rate = config.firewall.icmp_rate_per_second
+    check_range(rate, 1, MAX_ICMP_RATE, At(path, 0, "firewall.icmp_rate_per_second"))
     check_mail(config.mail, line_at(path, 0, "mail"))
     kernel = line_at(path, 0, "kernel")
     check_kernel(config.mark_mask, config.table_base, config.rule_priority, len(links), kernel)
@@ -396,15 +460,18 @@ FASTEST_NEEDS_NFTABLES = (
 
 def _check_unique(config: Config) -> None:
     """Link and LAN names share one namespace (forwarding groups use both), and so do devices."""
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str], tuple[int, str]] = {}  # (key, folded value): (line, value)
     items = [("link", i.name, i.device, i.line) for i in config.links]
     items += [("lan", i.name, i.device, i.line) for i in config.lans]
     for kind, name, device, line in items:
-        for key, value in (("name", name), ("device", device)):
-            if (key, value) in seen:
-                message = f"duplicate {key} '{value}' (already used at line {seen[key, value]})"
+        # Names are case-insensitive (see same_name); device names are not, as in the kernel.
+        for key, value, folded in (("name", name, name.casefold()), ("device", device, device)):
+            if (key, folded) in seen:
+                first, spelled = seen[key, folded]
+                also = f" as '{spelled}'" if spelled != value else ""
+                message = f"duplicate {key} '{value}' (already used at line {first}{also})"
                 raise At(config.path, line, f"{kind}.{key}").error(message)
-            seen[key, value] = line
+            seen[key, folded] = (line, value)
     rules: dict[str, int] = {config.default.name: config.default.line}
     for rule in config.rules:
         if rule.name in rules:

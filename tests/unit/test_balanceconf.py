@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
-from uplinkd import balanceconf, config
+from uplinkd import balanceconf, config, daemon
 from uplinkd.errors import ConfigError
 from uplinkd.model import Config, Method, Monitor
 
@@ -14,18 +15,20 @@ from . import expect
 
 EXAMPLES = Path(__file__).parents[2] / "data" / "examples"
 PATH = Path("/etc/network/balance.conf")
-HOSTS = {"www.google.ca": ipaddress.IPv4Address("142.250.69.99")}
 
 
-def resolve(host: str) -> ipaddress.IPv4Address:
-    """A resolver without DNS: the tests never touch the network."""
-    if host not in HOSTS:
-        raise OSError(f"[Errno -2] Name or service not known: {host}")
-    return HOSTS[host]
+@pytest.fixture(autouse=True)
+def no_name_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a configuration never resolves a name (the daemon does, while it runs)."""
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise AssertionError(f"getaddrinfo{args} called while reading a configuration")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def parse(text: str) -> Config:
-    return balanceconf.parse_balance_conf(text, PATH, resolve)
+    return balanceconf.parse_balance_conf(text, PATH)
 
 
 def refused(text: str, line: int, key: str, *fragments: str) -> ConfigError:
@@ -61,7 +64,7 @@ def test_net_isp_balance_test_file() -> None:
         "DSL\t    ppp0     isp      www.google.ca\n\n\n\n"
     )
     assert [link.name for link in loaded.links] == ["CABLE", "DSL"]
-    assert loaded.links[0].targets == (HOSTS["www.google.ca"],)
+    assert loaded.links[0].targets == ("www.google.ca",)  # resolved by the daemon, not here
     assert [lan.name for lan in loaded.lans] == ["LAN", "VPN", "SUBNET"]
     assert loaded.firewall.forwarding_groups == (("LAN", "VPN", "SUBNET", "CABLE", "DSL"),)
     assert loaded.links[0].monitor == Monitor()  # uplinkd's defaults when nothing is set
@@ -155,7 +158,7 @@ def test_unknown_role() -> None:
     )
 
 
-@pytest.mark.parametrize("weight", ["0", "-1", "1.5", "two"])
+@pytest.mark.parametrize("weight", ["0", "-1", "1.5", "two", "\u00b2", "\u0663"])
 def test_bad_weight(weight: str) -> None:
     refused(
         f"A eth0 isp 1.1.1.1\nB eth1 isp 1.1.1.2 {weight}\n",
@@ -191,13 +194,8 @@ def test_bad_addresses() -> None:
     refused(
         "A eth0 isp 1.2.3.999\n", 1, "ping-ip", "'1.2.3.999' is not an IPv4 address or a host name"
     )
-    refused(
-        "A eth0 isp no.such.host\n",
-        1,
-        "ping-ip",
-        "cannot resolve 'no.such.host'",
-        "Name or service not known",
-    )
+    refused("A eth0 isp -bad-.host\n", 1, "ping-ip", "not an IPv4 address or a host name")
+    refused("A eth0 isp host_name\n", 1, "ping-ip", "not an IPv4 address or a host name")
 
 
 def test_isp_without_ping_ip_probes_its_gateway() -> None:
@@ -215,7 +213,7 @@ def test_bad_option_values() -> None:
         "max_packet_loss",
         "greater than min_packet_loss (5)",
     )
-    refused("A eth0 isp 1.1.1.1\ninterval_ms=5\n", 2, "interval_ms", "at least 10")
+    refused("A eth0 isp 1.1.1.1\ninterval_ms=5\n", 2, "interval_ms", "between 10 and 60000")
 
 
 def test_unknown_name_in_forwarding_group() -> None:
@@ -234,5 +232,84 @@ def test_no_isp_service() -> None:
         parse("LAN eth1 lan\nmode=balanced\n")
 
 
-def test_resolver_is_the_real_one_by_default() -> None:
-    assert balanceconf.resolve_ipv4("127.0.0.1") == ipaddress.IPv4Address("127.0.0.1")
+# --- issue 11: what a real router's balance.conf brought ------------------------------------------
+
+
+def test_host_names_are_kept_for_the_daemon_to_resolve() -> None:
+    # Resolving when reading made an unresolvable name (DNS not up yet at boot) a fatal error.
+    loaded = parse("A eth0 isp no.such.host.example\nB eth1 isp 1.1.1.1\n")
+    assert loaded.links[0].targets == ("no.such.host.example",)
+    assert loaded.links[1].targets == (ipaddress.IPv4Address("1.1.1.1"),)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path: Path) -> None:
+    path = tmp_path / "balance.conf"
+    path.write_bytes(b"\xef\xbb\xbfISP1 eth0 isp 1.1.1.1\nLAN eth1 lan\n")
+    loaded = config.load(path)
+    assert loaded.format == "balance.conf"
+    assert [link.name for link in loaded.links] == ["ISP1"]
+    assert parse("\ufeffISP1 eth0 isp 1.1.1.1\n").links[0].name == "ISP1"
+
+
+def test_service_names_are_case_insensitive() -> None:
+    refused(
+        "CABLE eth0 isp 1.1.1.1\ncable eth1 isp 1.1.1.2\n",
+        2,
+        "service",
+        "duplicate service 'cable' (already used at line 1 as 'CABLE')",
+    )
+    refused("CABLE eth0 isp 1.1.1.1\nLan eth1 lan\nLAN eth2 lan\n", 3, "service", "'Lan'")
+    loaded = parse(
+        "CABLE eth0 isp 1.1.1.1\nDsl eth1 isp 1.1.1.2\nLAN eth2 lan\n"
+        "forwarding_group=lan cable\nforwarding_group=Lan DSL\nforwarding_group=LAN :ISP\n"
+    )
+    assert loaded.firewall.forwarding_groups == (
+        ("LAN", "CABLE"),
+        ("LAN", "Dsl"),
+        ("LAN", "CABLE", "Dsl"),
+    )
+
+
+def test_services_on_the_command_line_are_case_insensitive() -> None:
+    # load_balance.pl upper-cased its arguments: `load_balance.pl cable` brought CABLE up.
+    loaded = parse("CABLE eth0 isp 1.1.1.1\nDsl eth1 isp 1.1.1.2\n")
+    assert daemon.service_names(loaded, ["cable", "DSL"]) == ("CABLE", "Dsl")
+    with pytest.raises(ConfigError, match="unknown service 'fibre' on the command line"):
+        daemon.service_names(loaded, ["fibre"])
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('A we"1 isp 1.1.1.1\n', "device", "'\"'"),
+        ("A wan;1 isp 1.1.1.1\n", "device", "';'"),
+        ("A wan{1 isp 1.1.1.1\n", "device", "'{'"),
+        ("A $wan isp 1.1.1.1\n", "device", "'$'"),
+        ("A wan\\1 isp 1.1.1.1\n", "device", "'\\\\'"),
+        ("A wan:1 isp 1.1.1.1\n", "device", "':'"),
+        ("A wan* isp 1.1.1.1\n", "device", "'*'"),
+        ("A eth0 isp 1.1.1.1\nL l\u00e4n-with-16-bytes lan\n", "device", "1-15 bytes"),
+    ],
+)
+def test_device_names_the_kernel_or_the_ruleset_cannot_take(
+    text: str, key: str, fragment: str
+) -> None:
+    line = text.count("\n")
+    refused(text, line, key, "invalid device name", fragment)
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [
+        ("interval_ms=100000000000000000000000", "between 10 and 60000"),
+        ("timeout_ms=60001", "between 1 and 60000"),
+        ("max_successive_pkts_lost=1001", "between 1 and 1000"),
+        ("min_successive_pkts_rcvd=99999999999", "between 1 and 1000"),
+        ("long_down_time=604801", "between 0 and 604800"),
+        ("interval_ms=1e23", "is not a whole number"),
+    ],
+)
+def test_numbers_are_bounded(option: str, fragment: str) -> None:
+    key = option.partition("=")[0]
+    refused(f"A eth0 isp 1.1.1.1\n{option}\n", 2, key, fragment)
+    refused("A eth0 isp 1.1.1.1 1001\n", 1, "weight", "between 1 and 1000")

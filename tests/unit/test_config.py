@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -161,15 +162,16 @@ def test_unknown_key_in_link_and_link_monitor() -> None:
 
 
 def test_malformed_toml_reports_tomllib_line() -> None:
-    error = refused('[[rule]]\nname = "x\n', 12, "", "malformed TOML")
+    error = refused('[[rule]]\nname = "x\n', 12, "rule.name", "malformed TOML")
     assert "Unterminated string" in error.message or "Illegal character" in error.message
 
 
 @pytest.mark.parametrize(
     ("value", "fragment"),
     [
-        ("0", "must be at least 1"),
-        ("-2", "must be at least 1"),
+        ("0", "must be between 1 and 1000"),
+        ("-2", "must be between 1 and 1000"),
+        ("1001", "must be between 1 and 1000"),
         ("1.5", "must be an integer"),
         ("true", "must be an integer"),
         ('"2"', "must be an integer"),
@@ -190,7 +192,7 @@ def test_bad_priority() -> None:
         "",
         4,
         "link.priority",
-        "at least 1",
+        "between 1 and 4294967295",
         base=BASE.replace('device = "eth0"', 'device = "eth0"\npriority = 0'),
     )
 
@@ -208,7 +210,7 @@ def test_bad_device_name() -> None:
         "",
         3,
         "link.device",
-        "1-15 characters",
+        "1-15 bytes",
         base=BASE.replace('"eth0"', '"a-very-long-device-name"'),
     )
 
@@ -253,7 +255,7 @@ def test_no_link_at_all() -> None:
             'device = "eth0"\nbandwidth_mbps = { down = 0 }',
             4,
             "link.bandwidth_mbps.down",
-            "positive",
+            "above 0",
         ),
     ],
 )
@@ -278,7 +280,7 @@ def test_monitor_values() -> None:
         "monitor.max_packet_loss",
         "greater than min_packet_loss (10)",
     )
-    refused("[monitor]\ninterval_ms = 0\n", 12, "monitor.interval_ms", "at least 10")
+    refused("[monitor]\ninterval_ms = 0\n", 12, "monitor.interval_ms", "between 10 and 60000")
     refused(
         "[monitor]\nmin_packet_loss = 101\n", 12, "monitor.min_packet_loss", "between 0 and 100"
     )
@@ -533,7 +535,7 @@ def test_mail_settings() -> None:
         ('sender = "uplinkd"', 12, "mail.sender", "is not a mail address"),
         ('smtp_server = "mx"\nusername = "u"', 13, "mail.username", "needs password too"),
         ('username = "u"\npassword = "p"', 12, "mail.username", "applies only with smtp_server"),
-        ("max_per_hour = 0", 12, "mail.max_per_hour", "at least 1"),
+        ("max_per_hour = 0", 12, "mail.max_per_hour", "between 1 and 3600"),
         ("timeout_s = 0", 12, "mail.timeout_s", "must be > 0 and <= 300"),
         ('timeout_s = "10s"', 12, "mail.timeout_s", "a number of seconds"),
         ("starttls = 1", 12, "mail.starttls", "true or false"),
@@ -606,7 +608,11 @@ def test_load_refuses_unreadable_files(tmp_path: Path) -> None:
 
 def test_inline_top_level_table_is_located() -> None:
     refused(
-        "", 1, "monitor.interval_ms", "at least 10", base="monitor = { interval_ms = 1 }\n" + BASE
+        "",
+        1,
+        "monitor.interval_ms",
+        "between 10 and 60000",
+        base="monitor = { interval_ms = 1 }\n" + BASE,
     )
 
 
@@ -615,3 +621,153 @@ def test_toml_with_unknown_tables_is_read_as_toml(tmp_path: Path) -> None:
     path.write_text('[[links]]\nname = "DSL"\n')
     with pytest.raises(ConfigError, match=r":1: links: unknown key 'links' in the top level"):
         config.load(path)
+
+
+# --- issue 11: bounds, byte order marks, syntax errors, device names, host names -----------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "fragment"),
+    [
+        ("[monitor]\ninterval_ms = 100000000000000000000000", "monitor.interval_ms", "60000"),
+        ("[monitor]\ninterval_ms = 1e23", "monitor.interval_ms", "must be an integer"),
+        ("[monitor]\ntimeout_ms = 60001", "monitor.timeout_ms", "between 1 and 60000"),
+        ("[monitor]\nmax_successive_pkts_lost = 1001", "monitor.max_successive_pkts_lost", "1000"),
+        ("[monitor]\nmin_successive_pkts_rcvd = 2000", "monitor.min_successive_pkts_rcvd", "1000"),
+        ("[monitor]\nlong_down_time = 604801", "monitor.long_down_time", "604800"),
+        (
+            "[firewall]\nicmp_rate_per_second = 18446744073709551616",
+            "firewall.icmp_rate_per_second",
+            "between 1 and 10000",
+        ),
+        ("[mail]\nmax_per_hour = 3601", "mail.max_per_hour", "between 1 and 3600"),
+        ("[mail]\ntimeout_s = inf", "mail.timeout_s", "<= 300"),
+        ("[mail]\ntimeout_s = nan", "mail.timeout_s", "<= 300"),
+    ],
+)
+def test_every_number_is_bounded(extra: str, key: str, fragment: str) -> None:
+    refused(extra + "\n", 12, key, fragment)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key", "fragment"),
+    [
+        ("weight = 1001", "link.weight", "between 1 and 1000"),
+        ("priority = 4294967296", "link.priority", "between 1 and 4294967295"),
+        ("bandwidth_mbps = { down = inf }", "link.bandwidth_mbps.down", "at most 1e+06"),
+        ("bandwidth_mbps = { up = nan }", "link.bandwidth_mbps.up", "is not a bandwidth"),
+        ("bandwidth_mbps = { down = 1e7 }", "link.bandwidth_mbps.down", "is not a bandwidth"),
+    ],
+)
+def test_every_link_number_is_bounded(setting: str, key: str, fragment: str) -> None:
+    refused(
+        "", 4, key, fragment, base=BASE.replace('device = "eth0"', f'device = "eth0"\n{setting}')
+    )
+
+
+def test_numbers_at_their_bounds_are_accepted() -> None:
+    loaded = parse(
+        "[monitor]\ninterval_ms = 60000\ntimeout_ms = 60000\nlong_down_time = 604800\n"
+        "[firewall]\nicmp_rate_per_second = 10000\n",
+        base=BASE.replace('device = "eth0"', 'device = "eth0"\nweight = 1000\npriority = 9'),
+    )
+    assert loaded.links[0].monitor.interval_ms == 60000
+    assert (loaded.links[0].weight, loaded.firewall.icmp_rate_per_second) == (1000, 10000)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "uplinkd.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert [link.name for link in config.load(path).links] == ["DSL", "LTE"]
+    assert config.parse_toml("\ufeff" + BASE, PATH).links[0].name == "DSL"
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "key", "fragment"),
+    [
+        ('[[lan]]\nname = "LAN"\ndevice = "eth2\n', 13, "lan.device", "Illegal character"),
+        (
+            "[monitor]\ninterval_ms = 100\ninterval_ms = 200\n",
+            13,
+            "monitor.interval_ms",
+            "overwrite",
+        ),
+        ("[kernel]\nmark_mask = 0xZZ\n", 12, "kernel.mark_mask", "(column"),
+        ('[[rule]\nname = "x"\n', 11, "rule", "array declaration"),
+        ('[[rule]]\nmatch = { proto = "tcp"\n', 12, "rule.match", "inline table"),
+        ('[[rule]]\nlinks = [\n  "DSL",\n  "LTE\n]\n', 14, "rule.links", "Illegal character"),
+        ('[default]\nmethod = "weighted', 12, "default.method", "Unterminated string"),
+        ("[[rule]]\nlinks = [1,\n", 12, "rule.links", "end of the file"),
+    ],
+)
+def test_toml_syntax_errors_name_the_line_and_key(
+    extra: str, line: int, key: str, fragment: str
+) -> None:
+    refused(extra, line, key, "malformed TOML", fragment)
+
+
+# Where a device name is written: table, line, text ({device} is a TOML string).
+DEVICE_KEYS = [
+    ("link", 3, BASE.replace('"eth0"', "{device}")),
+    ("lan", 13, BASE + '[[lan]]\nname = "LAN"\ndevice = {device}\n'),
+    ("rule", 12, BASE + '[[rule]]\nmatch = {{ iif = [{device}] }}\nmethod = "weighted"\n'),
+]
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        'we"1',
+        "we#1",
+        "we;1",
+        "we{1",
+        "we}1",
+        "$wan",
+        "we\\1",
+        "we:1",
+        "we/1",
+        "we 1",
+        "we*",
+        "a" * 16,
+    ],
+)
+@pytest.mark.parametrize(("table", "line", "text"), DEVICE_KEYS)
+def test_device_names_the_kernel_or_the_ruleset_cannot_take(
+    device: str, table: str, line: int, text: str
+) -> None:
+    key = f"{table}.match.iif" if table == "rule" else f"{table}.device"
+    refused("", line, key, "invalid device name", base=text.format(device=json.dumps(device)))
+
+
+@pytest.mark.parametrize("device", ["eth0.100", "br-lan", "wg_0", "enp0s31f6", "a" * 15, "ppp+0"])
+def test_device_names_as_they_come(device: str) -> None:
+    loaded = parse(f'[[lan]]\nname = "LAN"\ndevice = "{device}"\n')
+    assert loaded.lans[0].device == device
+
+
+def test_target_host_names_are_kept_for_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a configuration was resolved while it was read")
+
+    monkeypatch.setattr("socket.getaddrinfo", refuse)
+    base = BASE.replace('["1.1.1.1"]', '["dns.example.net", "1.1.1.1"]')
+    assert parse(base=base).links[0].targets == (
+        "dns.example.net",
+        ipaddress.IPv4Address("1.1.1.1"),
+    )
+    base = BASE.replace('["1.1.1.1"]', '["dns.example.net", "DNS.example.net."]')
+    refused("", 4, "link.targets", "listed twice", base=base)
+    refused("", 4, "link.targets", "a host name", base=BASE.replace('"1.1.1.1"', '"dns_server"'))
+
+
+def test_names_differing_only_in_case_are_one_name() -> None:
+    refused(
+        '[[lan]]\nname = "dsl"\ndevice = "eth2"\n',
+        11,
+        "lan.name",
+        "duplicate name 'dsl' (already used at line 1 as 'DSL')",
+    )
+    groups = parse(
+        '[[lan]]\nname = "LAN"\ndevice = "eth2"\n[firewall]\nforwarding_groups = [["lan", "dsl"]]\n'
+    )
+    assert groups.firewall.forwarding_groups == (("LAN", "DSL"),)
