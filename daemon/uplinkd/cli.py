@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
 
-from . import __version__, conntrack, const
+from . import __version__, conntrack, const, instance
 from .backends import BACKEND_NAMES, get_backend
 from .daemon import Daemon, load_config, prepare
 from .datapath import Datapath
@@ -59,8 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--part",
         choices=("all", "nft", "ip"),
-        default="all",
-        help="with -d: print only the nftables or only the ip -batch part",
+        help="with -d: print only the nftables or only the ip -batch part (default: all)",
     )
     p.add_argument(
         "--backend",
@@ -77,9 +76,16 @@ def parser() -> argparse.ArgumentParser:
 async def _dry_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.services)
     async with AsyncIPRoute() as ipr:
-        prepared = await prepare(ipr, config, args.services)
+        prepared = await prepare(ipr, config, args.services, dry_run=True)
     backend = get_backend(args.backend or config.backend)
-    sys.stdout.write(Datapath(backend).render(prepared.plan, args.part))
+    skipped = "".join(f"#   {path}\n" for path in prepared.hooks.not_run)
+    if skipped:
+        # A comment, so that the output still feeds `nft -f` and `ip -batch`.
+        sys.stdout.write(
+            "# .py hooks not run in a dry run (it changes nothing, and a hook may); "
+            "what they add is missing below:\n" + skipped
+        )
+    sys.stdout.write(Datapath(backend).render(prepared.plan, args.part or "all"))
     return 0
 
 
@@ -121,9 +127,40 @@ async def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lock(mode: str) -> instance.InstanceLock:
+    """This network namespace's instance lock; --stop names the holder it must not undercut."""
+    try:
+        return instance.acquire(mode)
+    except instance.AlreadyRunningError as exc:
+        if mode != "stop":
+            raise
+        holder = instance.describe(exc.pid, exc.mode)
+        advice = (
+            " and would apply its plan again; stop it first (systemctl stop uplinkd), "
+            "then run --stop"
+            if exc.mode == "daemon"
+            else "; run --stop when it has finished"
+        )
+        raise instance.AlreadyRunningError(
+            f"--stop refused: {holder} is running in this network namespace{advice}",
+            exc.pid,
+            exc.mode,
+        ) from None
+
+
 async def _run(args: argparse.Namespace) -> int:
-    if args.dry_run:
+    if args.dry_run:  # reads the kernel and changes nothing: no privilege, no lock
         return await _dry_run(args)
+    instance.require_net_admin()
+    mode = "once" if args.once else "stop" if args.stop else "daemon"
+    lock = _lock(mode)
+    try:
+        return await _change(args)
+    finally:
+        lock.release()
+
+
+async def _change(args: argparse.Namespace) -> int:
     if args.once:
         return await _once(args)
     if args.stop:
@@ -136,7 +173,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.part is not None and not args.dry_run:
+        cli.error("--part is an option of -d (dry run)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -151,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except UplinkdError as exc:
         print(f"uplinkd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except PermissionError as exc:  # -d as a user who may not read a hook directory
+        print(f"uplinkd: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE

@@ -93,3 +93,16 @@ FASTEST_RACE_TIMEOUT_S: Final = 3.0
 # NFLOG group through which the kernel reports new destinations of fastest-response rules.
 FASTEST_NFLOG_GROUP: Final = 21301
 FASTEST_LOG_PREFIX: Final = "uplinkd-fr "
+
+# One uplinkd per network namespace (instance.py): the modes that change the kernel hold a lock
+# in this directory, which the systemd unit provides as RuntimeDirectory= (a tmpfs: no stale
+# file survives a reboot). Tests point it elsewhere through the environment variable.
+RUN_DIR: Final = "/run/uplinkd"
+RUN_DIR_ENV: Final = "UPLINKD_RUN_DIR"
+# The lock's name carries the network namespace's inode (as `lsns -t net` lists it), because
+# uplinkd instances in different namespaces (lab routers, containers sharing /run) are
+# independent; two in one namespace would overwrite each other's plan.
+LOCK_NAME: Final = "uplinkd-net{netns}.lock"
+# CAP_NET_ADMIN's bit in /proc/self/status's CapEff (linux/capability.h): routes, rules and
+# nftables need it, whatever the uid.
+CAP_NET_ADMIN_BIT: Final = 12

@@ -55,7 +55,9 @@ def load_config(path: Path, services: Sequence[str] = ()) -> Config:
     return config
 
 
-async def prepare(ipr: AsyncIPRoute, config: Config, services: Collection[str] = ()) -> Prepared:
+async def prepare(
+    ipr: AsyncIPRoute, config: Config, services: Collection[str] = (), *, dry_run: bool = False
+) -> Prepared:
     facts, warnings = await discovery.discover(ipr, config.links)
     for warning in warnings:
         log.warning("%s", warning)
@@ -63,7 +65,7 @@ async def prepare(ipr: AsyncIPRoute, config: Config, services: Collection[str] =
         # Applying would refuse every new connection; better to leave the kernel as it is.
         raise DiscoveryError(f"{config.path}: no link has a usable device; nothing applied")
     up = frozenset(services) if services else frozenset(link.name for link in config.links)
-    found = hooks.load(config, facts, up)
+    found = hooks.load(config, facts, up, dry_run=dry_run)  # a dry run runs no .py hook
     plan = planner.plan(config, facts, up, found.extras)
     return Prepared(config, tuple(facts), up, found, plan)
 

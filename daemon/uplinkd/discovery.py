@@ -7,14 +7,15 @@ without root; `discover()` only reads the kernel through netlink and feeds them.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
 from . import const
-from .model import LinkConfig
+from .errors import ConfigError
+from .model import Config, LinkConfig
 from .plan import IPv4Address, IPv4Interface, IPv4Network, LinkFacts
 
 RT_TABLE_MAIN = 254
@@ -158,7 +159,34 @@ def select(
     return facts, warnings
 
 
+def check_lans(config: Config, devices: Collection[str]) -> list[str]:
+    """Warnings (file:line) for LAN devices the kernel does not have; a ConfigError when it has
+    none of them, since the ruleset would then serve no LAN at all (with the firewall on, every
+    LAN connection is dropped). A device that is missing may still come (a VPN's tun0 does)."""
+    missing = [lan for lan in config.lans if lan.device not in devices]
+    if missing and len(missing) == len(config.lans):
+        first = missing[0]
+        names = ", ".join(repr(lan.device) for lan in missing)
+        raise ConfigError(
+            config.path,
+            f"no LAN device exists ({names}); a typo would cut every LAN client off, so "
+            "nothing is applied",
+            line=first.line,
+            key="lan.device",
+        )
+    return [
+        f"{config.path}:{lan.line}: lan.device: device {lan.device!r} of LAN {lan.name} does not "
+        "exist (yet); its traffic is served once it does"
+        for lan in missing
+    ]
+
+
 # --- netlink reads ---------------------------------------------------------------------------
+
+
+async def device_names(ipr: AsyncIPRoute) -> set[str]:
+    """The names of every device the kernel has now."""
+    return {msg.get_attr("IFLA_IFNAME") async for msg in await ipr.link("dump")}
 
 
 def _address_info(msg: Any) -> AddressInfo | None:

@@ -6,7 +6,8 @@ cannot write are used. Plain files hold one command per line:
 - in `firewall/`: nftables commands (`nft` prefix optional), applied inside uplinkd's own
   transaction, so a bad line refuses the whole apply and a good one is re-added on every rebuild;
 - elsewhere: shell commands, run after uplinkd's state is in place (`pre-run/`: before).
-`.py` files (the successors of Net-ISP-Balance's `.pl` hooks) run with the balancer object `B`.
+`.py` files (the successors of Net-ISP-Balance's `.pl` hooks) run with the balancer object `B`
+(except in a dry run, which changes nothing: they are named in its output instead).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Hooks:
     extras: Extras = field(default_factory=Extras)
     commands: list[CommandLine] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)  # .py hooks a dry run left out
 
 
 def refusal(path: Path) -> str | None:
@@ -276,15 +278,25 @@ def _run_python(path: Path, balancer: Balancer) -> None:
         raise HookError(path, f"{type(exc).__name__}: {exc}", line=line or 0) from exc
 
 
-def load(config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> Hooks:
-    """Read every hook file; .py hooks run now (they only describe state), commands later."""
+def load(
+    config: Config, facts: Sequence[LinkFacts], up: Collection[str], *, dry_run: bool = False
+) -> Hooks:
+    """Read every hook file; .py hooks run now (they describe state), commands later.
+
+    A dry run changes nothing, and a .py hook is the admin's code that may change something
+    (write a file, run a command) besides describing state: it is listed in `not_run` instead.
+    """
     files, refused = hook_files(config.hook_root)
     for reason in refused:
         log.warning("%s", reason)
     balancer = Balancer(config, facts, up)
     commands: list[CommandLine] = []
     nft_lines: list[HookLine] = []
+    not_run: list[str] = []
     for stage, path in files:
+        if path.suffix == ".py" and dry_run:
+            not_run.append(str(path))
+            continue
         if path.suffix == ".py":
             _run_python(path, balancer)
             continue
@@ -302,7 +314,7 @@ def load(config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> Hoo
         routes=tuple(balancer.routes),
         nft_lines=(*nft_lines, *balancer.nft_lines),
     )
-    return Hooks(extras=extras, commands=commands, refused=refused)
+    return Hooks(extras=extras, commands=commands, refused=refused, not_run=not_run)
 
 
 def run_commands(commands: Sequence[CommandLine], stages: Collection[str]) -> int:

@@ -83,6 +83,38 @@ def test_dry_run_changes_nothing_and_its_output_applies(lab2: Lab, uplinkd: Upli
     assert uplinkd.kernel_state() == by_hand
 
 
+def test_dry_run_runs_no_python_hook_and_says_so(lab2: Lab, uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=3))
+    marker = uplinkd.workdir / "hook-ran"
+    hook = uplinkd.workdir / "post-run" / "10.side-effect.py"
+    hook.parent.mkdir()
+    # A hook may do more than describe state; here it leaves a file and runs a command.
+    hook.write_text(
+        f'open("{marker}", "w").close()\n'
+        "import subprocess\n"
+        'subprocess.run(["ip", "route", "add", "198.51.100.0/24", "dev", "lan0"], check=True)\n'
+        'B.forward(8080, "192.168.10.35")\n'
+    )
+    before = uplinkd.kernel_state()
+    for part in ((), ("--part", "nft"), ("--part", "ip")):
+        shown = uplinkd.run(config, "-d", *part).stdout
+        assert shown.startswith(
+            "# .py hooks not run in a dry run (it changes nothing, and a hook may); "
+            f"what they add is missing below:\n#   {hook}\n"
+        )
+        assert "8080" not in shown
+    assert not marker.exists()
+    assert uplinkd.kernel_state() == before
+    # The comment keeps the output fit for the tools it feeds.
+    nft_text = uplinkd.run(config, "-d", "--part", "nft").stdout
+    lab2.run(lab2.ns_router, "nft", "-c", "-f", "-", stdin=nft_text)
+    # Applying runs it, as before.
+    uplinkd.run(config, "--once")
+    assert marker.exists()
+    assert "8080" in lab2.run(lab2.ns_router, "nft", "list", "table", "inet", "uplinkd").stdout
+    lab2.run(lab2.ns_router, "ip", "route", "del", "198.51.100.0/24", "dev", "lan0")
+
+
 BAD_CONFIGS = {
     "malformed toml": ("[[link]\nname = 'x'\n", "uplinkd.toml:1"),
     "unknown link in rule": (

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 
 import pytest
-from uplinkd import const
+from uplinkd import const, discovery
 from uplinkd.discovery import (
     AddressInfo,
     DeviceInfo,
@@ -17,7 +18,8 @@ from uplinkd.discovery import (
     link_facts,
     select,
 )
-from uplinkd.model import LinkConfig
+from uplinkd.errors import ConfigError
+from uplinkd.model import Config, LanConfig, LinkConfig
 from uplinkd.plan import LinkFacts
 
 A = IPv4Address
@@ -120,3 +122,18 @@ def test_no_ipv4_address_is_left_out_with_a_warning() -> None:
         "link ISP2: device wan2 has no IPv4 address; left out",
         "link ISP3: device wan3 does not exist; left out",
     ]
+
+
+def test_missing_lan_devices_are_named_with_their_line() -> None:
+    path = Path("/etc/network/balance.conf")
+    lans = (LanConfig("LAN", "lan0", line=3), LanConfig("GUEST", "lan9", line=4))
+    config = Config(path, "balance.conf", links=(), lans=lans)
+    assert discovery.check_lans(config, {"lo", "lan0", "wan1"}) == [
+        f"{path}:4: lan.device: device 'lan9' of LAN GUEST does not exist (yet); "
+        "its traffic is served once it does"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        discovery.check_lans(config, {"lo", "wan1"})
+    assert (caught.value.line, caught.value.key) == (3, "lan.device")
+    assert "no LAN device exists ('lan0', 'lan9')" in str(caught.value)
+    assert discovery.check_lans(Config(path, "toml", links=()), {"lo"}) == []  # no LAN: a host

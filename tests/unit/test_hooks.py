@@ -186,3 +186,22 @@ def test_balance_conf_hooks_live_in_balance_beside_it(config: Config) -> None:
     legacy = replace(config, path=Path("/etc/network/balance.conf"), format="balance.conf")
     assert toml.hook_root == Path("/etc/uplinkd")
     assert legacy.hook_root == Path("/etc/network/balance")  # Net-ISP-Balance's own layout
+
+
+def test_dry_run_runs_no_python_hook_and_names_it(config: Config, tmp_path: Path) -> None:
+    marker = tmp_path / "hook-ran"
+    hook = write(
+        tmp_path,
+        "post-run/10-side-effect.py",
+        f'open("{marker}", "w").close()\nB.forward(80, "192.168.10.35")\n',
+    )
+    write(tmp_path, "firewall/01.rules", "add table inet mine\n")
+    found = hooks.load(config, FACTS, {"DSL", "LTE"}, dry_run=True)
+    assert not marker.exists()
+    assert found.not_run == [str(hook)]
+    assert found.extras.forwards == ()
+    # Plain hook files only describe state; a dry run still shows them.
+    assert [line.text for line in found.extras.nft_lines] == ["add table inet mine"]
+
+    applied = hooks.load(config, FACTS, {"DSL", "LTE"})
+    assert marker.exists() and applied.not_run == [] and len(applied.extras.forwards) == 1
