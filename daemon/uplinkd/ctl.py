@@ -22,6 +22,7 @@ from dbus_fast import BusType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusFastError
 
+from . import __version__
 from .const import BUS_NAME, BUS_PATH
 
 MANAGER_INTERFACE = f"{BUS_NAME}.Manager"
@@ -192,6 +193,26 @@ def plan_applied_line(when: float, generation: int) -> str:
     return f"{timestamp(when)}  plan applied, generation {generation}"
 
 
+def enabled_line(name: str, enabled: bool, state: str) -> str:
+    """What `uplinkctl up/down NAME` did, with the state the link is in now."""
+    if not enabled:
+        return f"{name}: disabled (state {state}; out of service until 'uplinkctl up {name}')"
+    if state == "init":
+        return f"{name}: enabled (state init, probing decides)"
+    return f"{name}: enabled (state {state})"
+
+
+def reloaded_line(before: int, after: int) -> str:
+    """What `uplinkctl reload` did: the generation of the plan now in force."""
+    return f"reloaded: generation {after}" + (" (plan unchanged)" if after == before else "")
+
+
+def link_state(status: Status, name: str) -> str:
+    return next(
+        (str(link.get("State", "?")) for link in status[1] if link.get("Name") == name), "?"
+    )
+
+
 def exit_code(error_name: str) -> int:
     if error_name in NOT_RUNNING_ERRORS:
         return EXIT_NOT_RUNNING
@@ -318,9 +339,15 @@ async def run(args: argparse.Namespace) -> None:
             data = unwrap_status(await client.call("GetStatus"))
             sys.stdout.write(status_json(data) if args.json else status_table(data, time.time()))
         elif args.command in ("up", "down"):
-            await client.call("SetLinkEnabled", "sb", args.name, args.command == "up")
+            enabled = args.command == "up"
+            await client.call("SetLinkEnabled", "sb", args.name, enabled)
+            status = unwrap_status(await client.call("GetStatus"))
+            print(enabled_line(args.name, enabled, link_state(status, args.name)))
         elif args.command == "reload":
+            before, _ = unwrap_status(await client.call("GetStatus"))
             await client.call("Reload")
+            after, _ = unwrap_status(await client.call("GetStatus"))
+            print(reloaded_line(int(before.get("Generation", 0)), int(after.get("Generation", 0))))
         elif args.command == "learned":
             [destinations] = await client.call("GetLearned")
             write = learned_json if args.json else learned_table
@@ -368,6 +395,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
+    p.add_argument("--version", action="version", version=f"uplinkctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     st = sub.add_parser("status", parents=[common], help="links, states and live figures")
     st.add_argument("--json", action="store_true", help="GetStatus's data as JSON")

@@ -176,9 +176,14 @@ def test_up_and_down_reach_the_controller(bus_address: str, service: Service) ->
         # --bus-address wins over the environment's address
         ("unix:path=/nonexistent", "--bus-address", bus_address, "down", "ISP1"),
     ]
-    for address, *argv in runs:
+    said = [
+        "ISP2: disabled (state disabled; out of service until 'uplinkctl up ISP2')\n",
+        "ISP2: enabled (state init, probing decides)\n",
+        "ISP1: disabled (state disabled; out of service until 'uplinkctl up ISP1')\n",
+    ]
+    for (address, *argv), line in zip(runs, said, strict=True):
         done = uplinkctl(address, *argv)
-        assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+        assert (done.returncode, done.stdout, done.stderr) == (0, line, "")
     assert service.controller.calls == [
         ("set_enabled", "ISP2", False),
         ("set_enabled", "ISP2", True),
@@ -196,7 +201,11 @@ def test_unknown_link(bus_address: str, service: Service) -> None:
 
 def test_reload(bus_address: str, service: Service) -> None:
     done = uplinkctl(bus_address, "reload")
-    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        "reloaded: generation 7 (plan unchanged)\n",
+        "",
+    )
     service.controller.refuse = UplinkdError(
         "/etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1"
     )
@@ -204,6 +213,24 @@ def test_reload(bus_address: str, service: Service) -> None:
     assert done.returncode == 1
     assert done.stderr == "uplinkctl: /etc/uplinkd/uplinkd.toml:3: link.weight: must be >= 1\n"
     assert service.controller.calls == [("reload",), ("reload",)]
+
+
+class RebuildingController(FakeController):
+    """A daemon whose reload applies a new plan."""
+
+    async def reload(self) -> None:
+        await super().reload()
+        self.generation += 1
+
+
+def test_reload_names_the_new_generation(bus_address: str) -> None:
+    controller = RebuildingController(**vars(degraded_controller()))
+    running = Service(bus_address, controller)
+    try:
+        done = uplinkctl(bus_address, "reload")
+    finally:
+        running.stop()
+    assert (done.returncode, done.stdout, done.stderr) == (0, "reloaded: generation 8\n", "")
 
 
 def test_dry_run(bus_address: str, service: Service) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uplinkd
 from dbus_fast import Variant
 from uplinkd import ctl
 
@@ -305,3 +306,27 @@ def test_no_bus_as_a_process_prints_no_traceback(tmp_path: Path) -> None:
         f"uplinkctl: cannot connect to the system bus at unix:path={tmp_path}/none: "
         "No such file or directory"
     ]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"uplinkctl {uplinkd.__version__}\n"
+
+
+def test_what_up_down_and_reload_say() -> None:
+    assert ctl.enabled_line("ISP1", True, "init") == "ISP1: enabled (state init, probing decides)"
+    assert ctl.enabled_line("ISP1", True, "up") == "ISP1: enabled (state up)"
+    assert ctl.enabled_line("ISP1", False, "disabled") == (
+        "ISP1: disabled (state disabled; out of service until 'uplinkctl up ISP1')"
+    )
+    assert ctl.reloaded_line(7, 8) == "reloaded: generation 8"
+    assert ctl.reloaded_line(7, 7) == "reloaded: generation 7 (plan unchanged)"
+
+
+def test_link_state_of_a_status() -> None:
+    status: ctl.Status = (MANAGER, [link(State="init"), LTE])
+    assert ctl.link_state(status, "DSL") == "init"
+    assert ctl.link_state(status, "LTE") == "down"
+    assert ctl.link_state(status, "GONE") == "?"
