@@ -17,7 +17,7 @@ from pathlib import Path
 from pyroute2 import AsyncIPRoute
 
 from . import config as config_loader
-from . import const, discovery, hooks, planner
+from . import const, discovery, hooks, planner, resolving
 from .backends import get_backend
 from .bus import BusService
 from .coordinator import Coordinator
@@ -29,8 +29,15 @@ from .model import Config
 from .notify import Mailer
 from .plan import LinkFacts, Plan
 from .status import Snapshot
+from .validate import same_name
 
 log = logging.getLogger("uplinkd")
+
+# At daemon start a LAN device may still be on its way (a bridge the network service is
+# creating alongside uplinkd): wait this long for one before refusing the configuration.
+LAN_WAIT_S = 10.0
+# -d and --once try each probe target name once, to warn; the daemon keeps trying.
+ONE_SHOT_RESOLVE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,62 @@ class Prepared:
 
 def load_config(path: Path, services: Sequence[str] = ()) -> Config:
     config = config_loader.load(path)
-    names = [link.name for link in config.links]
-    for service in services:
-        if service not in names:
-            raise ConfigError(
-                path, f"unknown service {service!r} on the command line; known: {', '.join(names)}"
-            )
+    service_names(config, services)
     return config
+
+
+def service_names(config: Config, services: Collection[str]) -> tuple[str, ...]:
+    """The links the command line names, spelled as configured: names are case-insensitive,
+    as load_balance.pl upper-cased them (`load_balance.pl cable` meant CABLE)."""
+    names = [link.name for link in config.links]
+    found = []
+    for service in services:
+        name = same_name(service, names)
+        if name is None:
+            raise ConfigError(
+                config.path,
+                f"unknown service {service!r} on the command line; known: {', '.join(names)}",
+            )
+        found.append(name)
+    return tuple(found)
+
+
+async def check_lans(ipr: AsyncIPRoute, config: Config, wait_s: float = 0.0) -> None:
+    """Warn of missing LAN devices; refuse (ConfigError) when none exists after `wait_s`."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            warnings = discovery.check_lans(config, await discovery.device_names(ipr))
+        except ConfigError as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            log.warning("%s; waiting up to %g s for one", exc, wait_s)
+            wait_s = 0.0  # said once
+            await asyncio.sleep(1.0)
+            continue
+        for warning in warnings:
+            log.warning("%s", warning)
+        return
+
+
+async def warn_unresolved(config: Config) -> None:
+    """-d and --once: say which probe target names do not resolve now (the daemon retries)."""
+    hosts = [(t, link) for link in config.links for t in link.targets if isinstance(t, str)]
+    results = await asyncio.gather(
+        *(resolving.resolve_ipv4(host, ONE_SHOT_RESOLVE_TIMEOUT_S) for host, _ in hosts),
+        return_exceptions=True,
+    )
+    for (host, link), result in zip(hosts, results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning(
+                "%s:%d: link.targets: %s of link %s does not resolve now (%s); the daemon "
+                "keeps the link in init and retries",
+                config.path,
+                link.line,
+                host,
+                link.name,
+                resolving.describe(result),
+            )
 
 
 async def prepare(
@@ -64,7 +120,10 @@ async def prepare(
     if not facts:
         # Applying would refuse every new connection; better to leave the kernel as it is.
         raise DiscoveryError(f"{config.path}: no link has a usable device; nothing applied")
-    up = frozenset(services) if services else frozenset(link.name for link in config.links)
+    await check_lans(ipr, config)
+    await warn_unresolved(config)
+    named = service_names(config, services)
+    up = frozenset(named) if named else frozenset(link.name for link in config.links)
     found = hooks.load(config, facts, up, dry_run=dry_run)  # a dry run runs no .py hook
     plan = planner.plan(config, facts, up, found.extras)
     return Prepared(config, tuple(facts), up, found, plan)
@@ -80,8 +139,8 @@ class Daemon:
         self, config_path: Path, services: Sequence[str] = (), *, dbus: bool = True
     ) -> None:
         self.config_path = config_path
-        self.services = tuple(services)
         config = load_config(config_path, services)
+        self.services = service_names(config, services)
         self.datapath = Datapath(get_backend(config.backend))
         self.coordinator = Coordinator(
             config,
@@ -114,6 +173,8 @@ class Daemon:
     async def reload(self) -> None:
         """Load the configuration again; a bad one is refused (raised) and the running one stays."""
         config = load_config(self.config_path, self.services)
+        async with AsyncIPRoute() as ipr:  # the coordinator's socket may be mid-dump
+            await check_lans(ipr, config)
         await self.coordinator.reconfigure(config)
         if self.coordinator.publisher.mailer is not None:
             self.coordinator.publisher.mailer.configure(config.mail)
@@ -141,6 +202,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         async with AsyncIPRoute() as ipr:
+            await check_lans(ipr, self.coordinator.config, LAN_WAIT_S)
             await self.coordinator.start(ipr)
             await self._start_bus()
             links = len(self.coordinator.config.links)
