@@ -1,0 +1,146 @@
+"""Configurations that meet the router's kernel: LAN devices that are not there, probe target
+names that do not resolve yet (root, lab)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from uplinkd.lab import INET_HOST, Lab
+
+from .conftest import Uplinkd, needs_root, wait_until
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+EXIT_BAD_INPUT = 2
+
+BALANCE_CONF = f"""\
+ISP1 wan1 isp {INET_HOST}
+ISP2 wan2 isp {INET_HOST}
+{{lans}}"""
+
+RESOLVED_LATER = f"""
+[monitor]
+interval_ms = 200
+timeout_ms = 300
+
+[[link]]
+name = "ISP1"
+device = "wan1"
+targets = ["inet.uplinkd.test"]
+
+[[link]]
+name = "ISP2"
+device = "wan2"
+targets = ["{INET_HOST}"]
+
+[[lan]]
+name = "LAN"
+device = "lan0"
+"""
+
+
+def test_a_missing_lan_device_is_named_with_its_line(lab2: Lab, uplinkd: Uplinkd) -> None:
+    # A typo in one LAN: warned with file:line, the other LAN is served.
+    config = uplinkd.write_config(
+        BALANCE_CONF.format(lans="LAN lan0 lan\nGUEST lan9 lan\n"), "balance.conf"
+    )
+    warning = f"{config}:4: lan.device: device 'lan9' of LAN GUEST does not exist"
+    dry = uplinkd.run(config, "-d")
+    assert warning in dry.stderr, dry.stderr
+    once = uplinkd.run(config, "--once")
+    assert warning in once.stderr, once.stderr
+    assert 'iifname "lan0"' in lab2.run(lab2.ns_router, "nft", "list", "ruleset").stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line"),
+    [
+        ("balance.conf", BALANCE_CONF.format(lans="LAN lan9 lan\n"), 3),
+        (
+            "uplinkd.toml",
+            '[[link]]\nname = "ISP1"\ndevice = "wan1"\n[[lan]]\nname = "LAN"\ndevice = "lan9"\n',
+            4,
+        ),
+    ],
+)
+def test_no_lan_device_at_all_is_refused_and_nothing_applied(
+    uplinkd: Uplinkd, name: str, text: str, line: int
+) -> None:
+    config = uplinkd.write_config(text, name)
+    before = uplinkd.kernel_state()
+    for mode in ("-d", "--once"):
+        result = uplinkd.run(config, mode, check=False)
+        assert result.returncode == EXIT_BAD_INPUT, result.stderr
+        assert f"{config}:{line}: lan.device: no LAN device exists ('lan9')" in result.stderr
+        assert result.stdout == ""
+        assert uplinkd.kernel_state() == before
+
+    daemon = uplinkd.start(config, ready=None)
+    assert daemon.log.wait_for("waiting up to 10 s for one"), daemon.log.text
+    assert wait_until(lambda: not daemon.running, timeout=30)
+    daemon.stop()
+    assert daemon.proc.returncode == EXIT_BAD_INPUT, daemon.log.text
+    assert "no LAN device exists ('lan9')" in daemon.log.text
+    assert uplinkd.kernel_state() == before
+
+
+def test_a_reload_without_any_lan_device_is_refused(uplinkd: Uplinkd) -> None:
+    config = uplinkd.write_config(BALANCE_CONF.format(lans="LAN lan0 lan\n"), "balance.conf")
+    daemon = uplinkd.start(config)
+    state = uplinkd.kernel_state()
+    config.write_text(BALANCE_CONF.format(lans="LAN lan9 lan\n"))
+    daemon.send(signal.SIGHUP)
+    assert daemon.log.wait_for("reload refused, keeping the running configuration"), daemon.log.text
+    assert "no LAN device exists ('lan9')" in daemon.log.text
+    assert daemon.running
+    assert uplinkd.kernel_state() == state
+
+
+@pytest.fixture
+def router_hosts(lab2: Lab) -> Iterator[Path]:
+    """/etc/hosts and resolv.conf as the lab router's processes see them: `ip netns exec` bind
+    mounts /etc/netns/NAME/* over /etc/*. No name server answers (127.0.0.1 in the router
+    namespace has none), so only what the test writes into this hosts file resolves."""
+    netns = Path("/etc/netns")
+    made_netns = not netns.exists()
+    directory = netns / lab2.ns_router
+    directory.mkdir(parents=True)
+    (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    hosts = directory / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    try:
+        yield hosts
+    finally:
+        shutil.rmtree(directory)
+        if made_netns:
+            netns.rmdir()
+
+
+def test_a_target_name_that_resolves_later(lab2: Lab, uplinkd: Uplinkd, router_hosts: Path) -> None:
+    config = uplinkd.write_config(RESOLVED_LATER)
+    dry = uplinkd.run(config, "-d")  # a name that does not resolve is no configuration error
+    assert (
+        f"{config}:6: link.targets: inet.uplinkd.test of link ISP1 does not resolve" in dry.stderr
+    )
+
+    daemon = uplinkd.start(config)
+    assert daemon.log.wait_for("link ISP2: init -> up"), daemon.log.text
+    waiting = "link ISP1: stays init, probe target names do not resolve yet: inet.uplinkd.test ("
+    assert daemon.log.wait_for(waiting), daemon.log.text
+    assert daemon.log.wait_for("probe target inet.uplinkd.test does not resolve ("), daemon.log.text
+    assert "link ISP1: init ->" not in daemon.log.text
+
+    # In place (the bind mount holds this inode): the name resolves from now on.
+    with router_hosts.open("w") as hosts:
+        hosts.write(f"127.0.0.1 localhost\n{INET_HOST} inet.uplinkd.test\n")
+    resolved = f"probe target inet.uplinkd.test resolves to {INET_HOST}"
+    assert daemon.log.wait_for(resolved, timeout=45), daemon.log.text
+    assert daemon.log.wait_for("link ISP1: init -> up", timeout=15), daemon.log.text
+    assert daemon.log.text.count("does not resolve (") == 1  # once per change, not per retry
+    result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 40, timeout=1.0)
+    assert result.failed == 0
+    assert min(result.counts_by_isp().values()) > 0  # both links carry new connections
