@@ -23,7 +23,7 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
-from . import conntrack, const, hooks, planner, status
+from . import conntrack, const, hooks, planner, routing, status
 from .datapath import ApplyReport, Datapath
 from .errors import ApplyError, LinkRoutesError, UplinkdError
 from .events import EventHooks
@@ -218,9 +218,7 @@ class Coordinator:
             for name in self._links_on(event.device):
                 self._handle(self.links[name].carrier(bool(event.carrier), now))
             if event.carrier:
-                # The device may have come with a new address; and if it was administratively
-                # down, the kernel dropped its routes: they go back in with the next apply.
-                self._spawn(self._refresh(reapply=self._routes_missing_on(event.device)))
+                self._spawn(self._carrier_back(event.device))
         elif event.kind in (EventKind.ADDRESS, EventKind.GATEWAY):
             log.info("%s: re-reading addresses and gateways", event.detail)
             self._spawn(self._refresh())
@@ -235,6 +233,16 @@ class Coordinator:
 
     def _links_on(self, device: str) -> list[str]:
         return [link.name for link in self.config.links if link.device == device]
+
+    async def _carrier_back(self, device: str) -> None:
+        async with self._apply_lock:  # one dump at a time on the socket (EBUSY)
+            try:
+                await routing.flush_unresolved_neighbours(self.ipr, device)
+            except UplinkdError as exc:
+                log.warning("%s: %s", device, exc)
+        # The device may have come with a new address; and if it was administratively down,
+        # the kernel dropped its routes: they go back in with the next apply.
+        await self._refresh(reapply=self._routes_missing_on(device))
 
     def _routes_missing_on(self, device: str) -> bool:
         return any(self.links[name].routes_missing for name in self._links_on(device))

@@ -129,6 +129,7 @@ class Link:
         self._flaps = 0
         self._targets: dict[str, deque[float | None]] = {}
         self._reliability = 1
+        self._lost_in_flight_until = now  # see _reset_counters
         self._reset_counters()
         self.retarget(targets, reliability)
         # One machine per link: the machine holds the state on this model and nothing global.
@@ -154,12 +155,12 @@ class Link:
     def probe_round(self, replies: Mapping[str, float | None], now: float) -> list[Transition]:
         """One probe round: target -> RTT in ms, or None (a target missing from replies is a loss;
         replies from targets this link no longer probes are ignored)."""
-        answered = 0
-        for target, history in self._targets.items():
-            rtt = replies.get(target)
-            history.append(rtt)
-            answered += rtt is not None
+        answered = sum(replies.get(target) is not None for target in self._targets)
         failed = answered < self._reliability
+        if failed and now < self._lost_in_flight_until:
+            return self._evaluate(now)  # sent before the reset (see _reset_counters)
+        for target, history in self._targets.items():
+            history.append(replies.get(target))
         if len(self._rounds) == const.LOSS_WINDOW_ROUNDS:
             self._lost_in_window -= self._rounds.popleft()
         self._rounds.append(failed)
@@ -177,7 +178,7 @@ class Link:
         from clean counters (rounds lost while the cable was out say nothing about the path)."""
         if up:
             if not self._carrier:
-                self._reset_counters()
+                self._reset_counters(now)
             self._carrier = True
             self._nm_down = False
             return []
@@ -190,7 +191,7 @@ class Link:
         probes sent while they were missing had no route through the link)."""
         if self._routes_missing:
             self._routes_missing = False
-            self._reset_counters()
+            self._reset_counters(now)
         return []
 
     def routes_refused(self, now: float, reason: str) -> list[Transition]:
@@ -221,7 +222,7 @@ class Link:
         if action == "up" and self._nm_down:
             # NetworkManager brought it back: probing decides again, from clean counters.
             self._nm_down = False
-            self._reset_counters()
+            self._reset_counters(now)
         return []
 
     def set_enabled(self, enabled: bool, now: float) -> list[Transition]:
@@ -230,7 +231,7 @@ class Link:
             return self._fire("_disable", now, lambda: "disabled by the administrator")
         done = self._fire("_enable", now, lambda: "enabled by the administrator")
         if done:
-            self._reset_counters()
+            self._reset_counters(now)
             self._flaps = 0
             self.held_until = self._hold_s = None
         return done
@@ -367,7 +368,12 @@ class Link:
     def _long_down_reason(self, now: float) -> str:
         return f"down for {now - self.since:.0f} s (long_down_time {self.monitor.long_down_time} s)"
 
-    def _reset_counters(self) -> None:
+    def _reset_counters(self, now: float | None = None) -> None:
+        """Start judging afresh (at `now`: a carrier, a connection or routes came back). Rounds
+        in flight were sent before: a loss among them, reported within one probe timeout, is
+        no verdict on the path now, and would hold recovery back until the window drained."""
+        if now is not None:
+            self._lost_in_flight_until = now + self.monitor.timeout_ms / 1000
         self._rounds = deque()
         self._lost_in_window = 0
         self._lost_in_row = 0

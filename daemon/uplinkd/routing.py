@@ -438,6 +438,38 @@ async def sync(ipr: AsyncIPRoute, plan: Plan) -> RoutingChanges:
     return changes
 
 
+NUD_INCOMPLETE = 0x01
+NUD_FAILED = 0x20
+
+
+async def flush_unresolved_neighbours(ipr: AsyncIPRoute, device: str) -> int:
+    """Delete the device's neighbour entries still resolving or failed; return how many.
+
+    Packets sent while a device had no carrier leave its gateway's entry INCOMPLETE (or FAILED):
+    once the carrier is back, the next packet waits for the next ARP retransmission, up to a
+    second (retrans_time_ms). Without the entry, the next packet asks at once.
+    """
+    devices = await _device_indexes(ipr)
+    index = devices.get(device)
+    if index is None:
+        return 0
+    stale = [
+        msg.get_attr("NDA_DST")
+        async for msg in await ipr.neigh("dump", family=socket.AF_INET, ifindex=index)
+        if msg["state"] & (NUD_INCOMPLETE | NUD_FAILED) and msg["ifindex"] == index
+    ]
+    deleted = 0
+    for dst in stale:
+        try:
+            await ipr.neigh("del", family=socket.AF_INET, ifindex=index, dst=dst)
+        except NetlinkError as exc:
+            if exc.code != errno.ENOENT:
+                raise _failure(f"neigh del {dst} dev {device}", exc) from exc
+        else:
+            deleted += 1
+    return deleted
+
+
 async def remove_all(ipr: AsyncIPRoute, tables: Iterable[int] | None = None) -> RoutingChanges:
     """Delete every ip rule of protocol RTPROT_UPLINKD, then every such route.
 

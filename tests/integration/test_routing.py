@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -284,3 +285,22 @@ def test_discovery_reads_multipath_default_routes(ns: str) -> None:
     links = [LinkConfig("ISP1", "wan1"), LinkConfig("ISP2", "wan2")]
     facts, _ = run(ns, lambda ipr: discovery.discover(ipr, links))
     assert [f.gateway for f in facts] == [A("10.0.1.5"), A("10.0.2.5")]
+
+
+def test_unresolved_neighbours_of_a_device_are_flushed(ns: str) -> None:
+    ip(ns, "neigh", "add", "10.0.1.8", "lladdr", "02:00:00:00:00:01", "dev", "wan1")
+    ip(ns, "neigh", "add", "10.0.2.8", "lladdr", "02:00:00:00:00:02", "dev", "wan2")
+    send = (
+        "import socket, sys; socket.socket(type=socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 9))"
+    )
+    for address in ("10.0.1.9", "10.0.2.9"):  # nobody answers: INCOMPLETE, then FAILED
+        subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", send, address], check=True)
+    assert "10.0.1.9 dev wan1" in ip(ns, "neigh", "show")
+
+    assert run(ns, lambda ipr: routing.flush_unresolved_neighbours(ipr, "wan1")) == 1
+
+    neighbours = ip(ns, "neigh", "show")
+    assert "10.0.1.9 " not in neighbours
+    assert "10.0.1.8 dev wan1 lladdr 02:00:00:00:00:01 PERMANENT" in neighbours
+    assert "10.0.2.9 dev wan2" in neighbours  # another device's: untouched
+    assert run(ns, lambda ipr: routing.flush_unresolved_neighbours(ipr, "wan9")) == 0

@@ -188,6 +188,32 @@ def test_carrier_loss_is_immediate_and_blocks_recovery() -> None:
     assert (t.old, t.new) == (LinkState.DOWN, LinkState.UP)
 
 
+def test_rounds_lost_in_flight_when_the_carrier_returns_do_not_hold_recovery() -> None:
+    link, clock = up_link()
+    link.carrier(False, clock.step())
+    back = clock.step()
+    link.carrier(True, back)
+    # Two rounds sent while the cable was out end lost within one timeout of its return.
+    timeout_s = DEFAULT.timeout_ms / 1000
+    for delay in (timeout_s / 3, timeout_s * 2 / 3):
+        assert link.probe_round({GW: None}, back + delay) == []
+    assert link.stats().rounds == 0  # not counted: they say nothing about the path now
+    clock.now = back + timeout_s
+    assert rounds(link, clock, "++++") == []
+    (t,) = rounds(link, clock, "+")  # five answered rounds, as after any clean start
+    assert (t.old, t.new) == (LinkState.DOWN, LinkState.UP)
+
+
+def test_a_loss_after_the_in_flight_time_counts() -> None:
+    link, clock = up_link()
+    link.carrier(False, clock.step())
+    back = clock.step()
+    link.carrier(True, back)
+    link.probe_round({GW: None}, back + DEFAULT.timeout_ms / 1000 + 0.01)
+    assert link.stats().rounds == 1
+    assert link.stats().consecutive_lost == 1
+
+
 def test_carrier_loss_from_init() -> None:
     link, clock = make()
     (t,) = link.carrier(False, clock.step())
