@@ -526,24 +526,28 @@ class Lab:
         """
         self._check_isp(i)
         router, isp, wan = self.ns_router, self.ns_isp(i), self.router_wan(i)
+        present = self._devices(router)
+        # Idempotent, like set_link: a repair of what is not broken changes nothing.
         if kind == "admin":
             self._ip(router, "link", "set", "dev", wan.device, "down" if faulty else "up")
         elif kind == "deleted":
-            if faulty:
+            if faulty and wan.device in present:
                 self._ip(router, "link", "del", "dev", wan.device)  # its ISP-side peer goes too
-            else:
-                self._veth(
-                    (router, wan.device, f"{wan.address}/24"), (isp, "down", f"{wan.gateway}/24")
-                )
+            elif not faulty and wan.device not in present:
+                pair = (router, wan.device, f"{wan.address}/24"), (isp, "down", f"{wan.gateway}/24")
+                self._veth(*pair)
                 self.set_bandwidth(i, self.bandwidth[i - 1])
         elif kind == "renamed":
             old, new = (wan.device, f"{wan.device}x") if faulty else (f"{wan.device}x", wan.device)
-            self._ip(router, "link", "set", "dev", old, "down")
-            self._ip(router, "link", "set", "dev", old, "name", new)
-            self._ip(router, "link", "set", "dev", new, "up")
+            if old in present:
+                self._ip(router, "link", "set", "dev", old, "down")
+                self._ip(router, "link", "set", "dev", old, "name", new)
+                self._ip(router, "link", "set", "dev", new, "up")
         elif kind == "address":
-            verb = "del" if faulty else "add"
-            self._ip(router, "addr", verb, f"{wan.address}/24", "dev", wan.device)
+            have = f" {wan.address}/24 " in self.run(router, "ip", "-4", "addr", "show").stdout
+            if have == faulty:
+                verb = "del" if faulty else "add"
+                self._ip(router, "addr", verb, f"{wan.address}/24", "dev", wan.device)
         elif kind == "arp":
             self._ip(isp, "link", "set", "dev", "down", "arp", "off" if faulty else "on")
             if faulty:  # forget what the router knows, as a cache entry that ages out would
@@ -552,6 +556,10 @@ class Lab:
             self.set_link(i, up=not faulty)
         else:
             raise ValueError(f"unknown device fault {kind!r}; known: {', '.join(DEVICE_FAULTS)}")
+
+    def _devices(self, ns: str) -> set[str]:
+        listed = self.run(ns, "ip", "-o", "link", "show").stdout
+        return {line.split(": ")[1].split("@")[0] for line in listed.splitlines()}
 
     def set_upstream(self, i: int, up: bool) -> None:
         """Silent upstream failure of ISP i: the far side of its uplink goes down (the Internet

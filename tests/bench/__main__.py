@@ -23,7 +23,7 @@ from typing import Any
 
 import uplinkd
 
-from . import apply_latency, balance, failover, footprint, overhead, report
+from . import apply_latency, balance, device_events, failover, footprint, overhead, report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "latest.json"
@@ -36,6 +36,7 @@ def _log(text: str) -> None:
 def _sections(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]:
     return {
         "failover": lambda: failover.run(args.trials, args.labs, _log),
+        "devices": lambda: device_events.run(args.device_trials, _log),
         "apply": lambda: apply_latency.run((10, 3, 3), args.apply_budget, _log),
         "balance": lambda: balance.run(args.connections, _log),
         "overhead": lambda: overhead.run(args.pairs, args.seconds, args.rate_connections, _log),
@@ -81,9 +82,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--only",
         default="",
         help="comma-separated sections: "
-        + ", ".join(["failover", "apply", "balance", "overhead", "footprint"]),
+        + ", ".join(["failover", "devices", "apply", "balance", "overhead", "footprint"]),
     )
     p.add_argument("--trials", type=int, default=10, help="failover trials per setting and fault")
+    p.add_argument("--device-trials", type=int, default=6, help="trials per device event and link")
     p.add_argument("--labs", type=int, default=10, help="labs running the slow baselines at once")
     p.add_argument(
         "--apply-budget",

@@ -52,9 +52,10 @@ from .churn_client import ChurnClient, Record, first_success
 from .monitors import SETTINGS, config_text, describe, interval_s
 from .stats import summary
 
-FAULTS: dict[str, Callable[[Lab, bool], None]] = {
-    "silent": lambda lab, up: lab.set_upstream(1, up=up),  # ISP1 forwards nothing, carrier stays
-    "carrier": lambda lab, up: lab.set_link(1, up=up),  # ISP1's cable: NO-CARRIER on wan1
+Fault = Callable[[Lab, int, bool], None]  # (lab, ISP number, up): break or repair that ISP
+FAULTS: dict[str, Fault] = {
+    "silent": lambda lab, i, up: lab.set_upstream(i, up=up),  # forwards nothing, carrier stays
+    "carrier": lambda lab, i, up: lab.set_link(i, up=up),  # the cable: NO-CARRIER on wan<i>
 }
 HOLD_S = 1.0  # from the failover the client saw to the repair (plus a random phase)
 CLIENT = {"interval_ms": 5.0, "timeout_ms": 300.0}
@@ -70,6 +71,7 @@ class TrialError(RuntimeError):
 class Trial:
     monitor: str
     fault: str
+    isp: int = 1  # the ISP that fails: the primary (failover mode), the other is the standby
     failover_s: float | None = None
     failed_failover: int | None = None
     recovery_s: float | None = None
@@ -86,7 +88,9 @@ class Trial:
 
 
 FIGURES = [
-    f.name for f in fields(Trial) if f.name not in ("monitor", "fault", "failure_kinds", "error")
+    f.name
+    for f in fields(Trial)
+    if f.name not in ("monitor", "fault", "isp", "failure_kinds", "error")
 ]
 
 
@@ -114,8 +118,9 @@ def _stamp(daemon: Daemon, needle: str, timeout: float) -> Callable[[], float | 
 
 def analyse(trial: Trial, records: list[Record], t_fault: float, t_repair: float) -> None:
     """Fill in the trial's figures from the client's records (the definitions above)."""
-    over = _require(first_success(records, "ISP2", t_fault), "no ISP2 success in the records")
-    back = _require(first_success(records, "ISP1", t_repair), "no ISP1 success in the records")
+    primary, standby = f"ISP{trial.isp}", f"ISP{3 - trial.isp}"
+    over = _require(first_success(records, standby, t_fault), f"no {standby} success")
+    back = _require(first_success(records, primary, t_repair), f"no {primary} success")
     trial.failover_s = over.end - t_fault
     trial.failed_failover = sum(not r.ok for r in records if t_fault <= r.start < over.start)
     late = [r for r in records if over.start <= r.start < t_repair and not r.ok]
@@ -128,30 +133,34 @@ def analyse(trial: Trial, records: list[Record], t_fault: float, t_repair: float
     trial.attempts = len(records)
 
 
-def one_fault(lab: Lab, daemon: Daemon, trial: Trial) -> None:
+def one_fault(lab: Lab, daemon: Daemon, trial: Trial, fault: Fault | None = None) -> None:
+    """One trial (the module's steps) of `fault`, by default FAULTS[trial.fault]."""
     interval = interval_s(trial.monitor)
-    break_link = FAULTS[trial.fault]
+    break_link = fault or FAULTS[trial.fault]
+    primary, standby = f"ISP{trial.isp}", f"ISP{3 - trial.isp}"
     client = ChurnClient(lab, INET_HOST, **CLIENT)
     try:
-        via_isp1 = itertools.count(1)
-        warm = client.wait_for(lambda r: r.isp == "ISP1" and next(via_isp1) >= 10, 10)
-        _require(warm, "the client never got through ISP1")
-        detected = _stamp(daemon, "link ISP1: up -> down", interval * 13 + 10)
-        forgot = _stamp(daemon, "link ISP1: forgot", interval * 13 + 20)
+        via_primary = itertools.count(1)
+        warm = client.wait_for(lambda r: r.isp == primary and next(via_primary) >= 10, 10)
+        _require(warm, f"the client never got through {primary}")
+        detected = _stamp(daemon, f"link {primary}: up -> down", interval * 13 + 10)
+        forgot = _stamp(daemon, f"link {primary}: forgot", interval * 13 + 20)
         time.sleep(_phase.uniform(0, interval))
         t_fault = time.monotonic()
-        break_link(lab, False)
+        break_link(lab, trial.isp, False)
         trial.fault_call_s = time.monotonic() - t_fault
-        over = client.wait_for(lambda r: r.isp == "ISP2" and r.start >= t_fault, interval * 12 + 10)
-        _require(over, "no failover to ISP2 within the bound")
-        time.sleep(HOLD_S + _phase.uniform(0, interval))
-        recovered = _stamp(daemon, "link ISP1: down -> up", interval * 25 + 10)
-        t_repair = time.monotonic()
-        break_link(lab, True)
-        back = client.wait_for(
-            lambda r: r.isp == "ISP1" and r.start >= t_repair, interval * 25 + 10
+        over = client.wait_for(
+            lambda r: r.isp == standby and r.start >= t_fault, interval * 12 + 10
         )
-        _require(back, "ISP1 not back in use within the bound")
+        _require(over, f"no failover to {standby} within the bound")
+        time.sleep(HOLD_S + _phase.uniform(0, interval))
+        recovered = _stamp(daemon, f"link {primary}: down -> up", interval * 25 + 10)
+        t_repair = time.monotonic()
+        break_link(lab, trial.isp, True)
+        back = client.wait_for(
+            lambda r: r.isp == primary and r.start >= t_repair, interval * 25 + 10
+        )
+        _require(back, f"{primary} not back in use within the bound")
         time.sleep(0.2)
         analyse(trial, client.stop(), t_fault, t_repair)
         trial.detected_s = _since(detected(), t_fault)
@@ -159,7 +168,7 @@ def one_fault(lab: Lab, daemon: Daemon, trial: Trial) -> None:
         trial.recovered_s = _since(recovered(), t_repair)
     finally:
         client.stop()
-        break_link(lab, True)
+        break_link(lab, trial.isp, True)
 
 
 def _since(stamp: float | None, start: float) -> float | None:

@@ -161,8 +161,49 @@ def footprint(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+DEVICE_EVENT_NAMES = {
+    "admin": "admin down, then up",
+    "deleted": "deleted, recreated (new ifindex)",
+    "renamed": "renamed away and back",
+    "address": "address removed, re-added",
+    "arp": "gateway silent on ARP",
+    "carrier": "carrier loss (baseline)",
+}
+
+
+def device_events(results: dict[str, Any]) -> list[str]:
+    method = results["method"]
+    budgets, back_budget = method["budget_s"], method["return_budget_s"]
+    rows = [
+        "| event | link | trials | failover | failed attempts | used again after"
+        " | p95 / carrier-loss p95 | within budget |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = results["summary"]
+    for kind, name in DEVICE_EVENT_NAMES.items():
+        for isp in (1, 2):
+            figures = summary.get(f"{kind}/ISP{isp}")
+            if figures is None:
+                continue
+            trials = f"{figures['trials'] - figures['failed_trials']} of {figures['trials']}"
+            over, back = figures["failover_s"], figures["recovery_s"]
+            if over["p95"] is None or back["p95"] is None:
+                rows.append(f"| {name} | ISP{isp} | {trials} | n/a | | | | **no** |")
+                continue
+            base = summary.get(f"carrier/ISP{isp}", {}).get("failover_s", {}).get("p95")
+            ratio = f"{over['p95'] / base:.2f}" if base else "n/a"
+            met = over["p95"] <= budgets[kind] and back["p95"] <= back_budget
+            rows.append(
+                f"| {name} | ISP{isp} | {trials} | {_pair(over)}"
+                f" | {_counts(figures['failed_failover'])} | {_pair(back)} | {ratio}"
+                f" | {'yes' if met else '**no**'} |"
+            )
+    return rows
+
+
 SECTIONS = {
     "failover": ("Failover and recovery (median / p95)", failover),
+    "devices": ("Device events on each link (median / p95)", device_events),
     "apply": ("Apply latency (median / p95)", apply_latency),
     "balance": ("Balance accuracy", balance),
     "overhead": ("Datapath overhead", overhead),

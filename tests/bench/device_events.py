@@ -1,0 +1,121 @@
+"""Failover and return for every kind of device event on a WAN, on ISP1 and on ISP2.
+
+The events are the lab's (`Lab.set_device_fault`): admin down, deleted and recreated, renamed,
+address removed, gateway silent on ARP, and carrier loss, which is the baseline: netlink reports
+it at once, and every other event the kernel reports should be as fast (the carrier-loss budget,
+100 ms at the p95); the ARP case is a silent failure, judged on the probe budget (1 s).
+
+Each trial is failover.py's (same churn client, same definitions of failover, recovery and failed
+attempts), with uplinkd's default monitor in failover mode and the ISP under test as the primary,
+so every new connection names the link in use. Each daemon is fresh and serves two trials of one
+event on one ISP (a third fault within 60 s would meet flap damping).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab, LabError
+
+from tests.integration.conftest import Uplinkd
+
+from .failover import (
+    CLIENT,
+    FIGURES,
+    HOLD_S,
+    Fault,
+    Trial,
+    TrialError,
+    _describe,
+    _require,
+    one_fault,
+)
+from .monitors import LINKS
+from .stats import summary
+
+TRIALS_PER_DAEMON = 2
+BUDGET_S = dict.fromkeys(DEVICE_FAULTS, 0.100) | {"arp": 1.0}  # failover, p95
+RETURN_BUDGET_S = 2.0  # the link used again after the event is over, p95
+
+
+def fault_of(kind: str) -> Fault:
+    return lambda lab, isp, up: lab.set_device_fault(isp, kind, faulty=not up)
+
+
+def config_for(isp: int) -> str:
+    """monitors.LINKS (uplinkd's defaults, failover mode) with ISP `isp` as the primary."""
+    if isp == 1:
+        return LINKS
+    swapped = {"priority = 1": "priority = 2", "priority = 2": "priority = 1"}
+    return re.sub(r"priority = [12]", lambda found: swapped[found.group(0)], LINKS)
+
+
+def one_daemon(lab: Lab, runner: Uplinkd, kind: str, isp: int) -> list[Trial]:
+    trials = [Trial("uplinkd", kind, isp) for _ in range(TRIALS_PER_DAEMON)]
+    config = runner.write_config(config_for(isp))
+    runner.run(config, "--stop", check=False)
+    lab.run(lab.ns_router, "conntrack", "-F", check=False)
+    daemon = runner.start(config)
+    try:
+        for name in ("ISP1", "ISP2"):
+            _require(daemon.log.wait_for(f"link {name}: init -> up", 12), f"{name} never came up")
+        for trial in trials:
+            one_fault(lab, daemon, trial, fault_of(kind))
+        _require("flap damping" not in daemon.log.text, "flap damping interfered")
+    except (TrialError, LabError, AssertionError, OSError, subprocess.SubprocessError) as exc:
+        for trial in trials:
+            trial.error = trial.error or str(exc).splitlines()[0]
+    finally:
+        daemon.stop()
+    return trials
+
+
+def summarize(trials: list[Trial]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for kind, isp in itertools.product(DEVICE_FAULTS, (1, 2)):
+        mine = [t for t in trials if t.fault == kind and t.isp == isp]
+        good = [t for t in mine if not t.error]
+        if mine:
+            out[f"{kind}/ISP{isp}"] = {
+                "trials": len(mine),
+                "failed_trials": len(mine) - len(good),
+                **{
+                    name: summary([getattr(t, name) for t in good if getattr(t, name) is not None])
+                    for name in FIGURES
+                },
+            }
+    return out
+
+
+def run(trials: int, log: Callable[[str], None]) -> dict[str, object]:
+    """`trials` trials of each event on each ISP, one lab, daemons one after the other."""
+    daemons = max(1, -(-trials // TRIALS_PER_DAEMON))
+    todo = [(kind, isp) for kind in DEVICE_FAULTS for isp in (1, 2)] * daemons
+    done: list[Trial] = []
+    log(f"device events: {len(todo)} daemons x {TRIALS_PER_DAEMON} trials on one lab")
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(TemporaryDirectory(prefix="uplinkd-bench-")))
+        lab = stack.enter_context(Lab(isps=2))
+        lab.start_server(lab.ns_inet, INET_HOST, [80])
+        runner = Uplinkd(lab, tmp)
+        for kind, isp in todo:
+            for trial in one_daemon(lab, runner, kind, isp):
+                done.append(trial)
+                log(f"  {len(done)}/{len(todo) * TRIALS_PER_DAEMON} ISP{isp} {_describe(trial)}")
+    return {
+        "method": {
+            "client": CLIENT,
+            "hold_s": HOLD_S,
+            "budget_s": BUDGET_S,
+            "return_budget_s": RETURN_BUDGET_S,
+        },
+        "summary": summarize(done),
+        "trials": [asdict(t) for t in done],
+    }
