@@ -13,9 +13,9 @@ from pyroute2 import AsyncIPRoute
 
 from . import __version__, conntrack, const, instance
 from .backends import BACKEND_NAMES, get_backend
-from .daemon import Daemon, load_config, prepare
+from .daemon import Daemon, load_config, plan_with, prepare
 from .datapath import Datapath
-from .errors import ApplyError, ConfigError, HookError, UplinkdError
+from .errors import ApplyError, ConfigError, HookError, LinkRoutesError, UplinkdError
 
 log = logging.getLogger("uplinkd")
 
@@ -92,9 +92,18 @@ async def _dry_run(args: argparse.Namespace) -> int:
 async def _once(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.services)
     datapath = Datapath(get_backend(args.backend or config.backend))
+    refused: dict[str, str] = {}
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
-        report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
+        while True:  # each refusal takes at least one link out: bounded by the links
+            try:
+                report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
+                break
+            except LinkRoutesError as exc:
+                for name, why in exc.failed.items():
+                    log.error("link %s: routes refused, applied as down: %s", name, why)
+                refused |= exc.failed
+                prepared = plan_with(config, prepared.facts, prepared.up - set(exc.failed))
     # Like the daemon on a down transition: connections tracked with a down link's mark would
     # keep following it (and a new connection reusing such an entry's ports would too).
     forgotten = True
@@ -107,9 +116,9 @@ async def _once(args: argparse.Namespace) -> int:
                 forgotten = False
             else:
                 log.info("link %s is down: forgot %d tracked connections", link.name, count)
-    up = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
-    log.info("applied with links up: %s (%s)", up, report.describe())
-    return EXIT_FAILURE if report.failed_commands or not forgotten else 0
+    in_use = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
+    log.info("applied with links up: %s (%s)", in_use, report.describe())
+    return EXIT_FAILURE if report.failed_commands or refused or not forgotten else 0
 
 
 async def _stop(args: argparse.Namespace) -> int:

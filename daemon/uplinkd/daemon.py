@@ -114,6 +114,7 @@ async def warn_unresolved(config: Config) -> None:
 async def prepare(
     ipr: AsyncIPRoute, config: Config, services: Collection[str] = (), *, dry_run: bool = False
 ) -> Prepared:
+    """Discover, then plan with the links `services` names up (all when it names none)."""
     facts, warnings = await discovery.discover(ipr, config.links)
     for warning in warnings:
         log.warning("%s", warning)
@@ -123,10 +124,17 @@ async def prepare(
     await check_lans(ipr, config)
     await warn_unresolved(config)
     named = service_names(config, services)
-    up = frozenset(named) if named else frozenset(link.name for link in config.links)
+    up = named or [link.name for link in config.links]
+    return plan_with(config, facts, up, dry_run=dry_run)
+
+
+def plan_with(
+    config: Config, facts: Sequence[LinkFacts], up: Collection[str], *, dry_run: bool = False
+) -> Prepared:
+    """The plan (and the hooks' part of it) for these facts with exactly `up` up."""
     found = hooks.load(config, facts, up, dry_run=dry_run)  # a dry run runs no .py hook
     plan = planner.plan(config, facts, up, found.extras)
-    return Prepared(config, tuple(facts), up, found, plan)
+    return Prepared(config, tuple(facts), frozenset(up), found, plan)
 
 
 class Daemon:

@@ -43,3 +43,19 @@ def test_device_event_moves_traffic_and_the_link_returns(
     assert wait_until(lambda: both_used(lab2), 5), daemon.log.text
     assert "apply failed" not in daemon.log.text
     assert "internal" not in daemon.log.text
+
+
+@pytest.mark.parametrize("isp", [1, 2])
+def test_once_with_a_device_down_applies_the_others(lab2: Lab, uplinkd: Uplinkd, isp: int) -> None:
+    config = uplinkd.write_config(MONITORED.format(extra_target=""))
+    lab2.set_device_fault(isp, "admin", faulty=True)
+    try:
+        result = uplinkd.run(config, "--once", check=False)
+        assert result.returncode == 1, result.stderr
+        assert f"link ISP{isp}: routes refused, applied as down" in result.stderr
+        assert via_only(lab2, f"ISP{3 - isp}")
+    finally:
+        lab2.set_device_fault(isp, "admin", faulty=False)
+    result = uplinkd.run(config, "--once", check=False)
+    assert result.returncode == 0, result.stderr
+    assert wait_until(lambda: both_used(lab2), 5)
