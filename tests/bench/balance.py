@@ -69,7 +69,7 @@ def run(connections: int, log: Callable[[str], None]) -> dict[str, object]:
     out: dict[str, object] = {}
     with Lab(isps=3) as lab, tempfile.TemporaryDirectory(prefix="uplinkd-bench-") as tmp:
         lab.start_server(lab.ns_inet, INET_HOST, [80])
-        runner = Uplinkd(lab, Path(tmp))
+        runner = Uplinkd(lab, Path(tmp), readback=False)
         for weights in WEIGHTS:
             name = ":".join(map(str, weights))
             figures = measure(lab, runner, weights, connections)

@@ -104,7 +104,7 @@ def run(trials: int, log: Callable[[str], None]) -> dict[str, object]:
         tmp = Path(stack.enter_context(TemporaryDirectory(prefix="uplinkd-bench-")))
         lab = stack.enter_context(Lab(isps=2))
         lab.start_server(lab.ns_inet, INET_HOST, [80])
-        runner = Uplinkd(lab, tmp)
+        runner = Uplinkd(lab, tmp, readback=False)
         for kind, isp in todo:
             for trial in one_daemon(lab, runner, kind, isp):
                 done.append(trial)

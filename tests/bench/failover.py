@@ -224,7 +224,7 @@ def run_daemons(monitors: list[str], labs: int, log: Callable[[str], None]) -> l
             lab = stack.enter_context(Lab(isps=2))
             lab.start_server(lab.ns_inet, INET_HOST, [80])
             (tmp / str(index)).mkdir()
-            runner = Uplinkd(lab, tmp / str(index))
+            runner = Uplinkd(lab, tmp / str(index), readback=False)
             threads.append(threading.Thread(target=worker, args=(lab, runner)))
         for thread in threads:
             thread.start()

@@ -64,7 +64,7 @@ def measure(links: int, seconds: float, method: str = "weighted") -> dict[str, o
     ):
         built = time.monotonic() - begin
         lab.start_server(lab.ns_inet, INET_HOST, [80])
-        runner = Uplinkd(lab, Path(tmp))
+        runner = Uplinkd(lab, Path(tmp), readback=False)
         config = runner.write_config(config_text(links, method))
         daemon = runner.start(config)
         try:

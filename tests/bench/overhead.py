@@ -155,7 +155,7 @@ def run(
             assert receiver.stdout is not None
             if receiver.stdout.readline().strip() != "listening":
                 raise RuntimeError("the bulk receiver did not start")
-            setups = Setups(lab, Uplinkd(lab, Path(tmp)))
+            setups = Setups(lab, Uplinkd(lab, Path(tmp), readback=False))
             setups.enable("plain")  # a first run in a fresh lab is slower; it is not counted
             try:
                 _one_run(lab, seconds / 2, connections // 4)

@@ -40,12 +40,18 @@ needs_root = pytest.mark.skipif(
 
 
 class LogReader:
-    """Collects a process's stderr in a thread so a test can wait for a line, bounded."""
+    """Collects a process's stderr in a thread so a test can wait for a line, bounded.
 
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
+    `on_line` runs in that thread for each line, after waiters have seen it.
+    """
+
+    def __init__(
+        self, proc: subprocess.Popen[str], on_line: Callable[[str], None] | None = None
+    ) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._proc = proc
+        self._on_line = on_line
         self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
         self._thread.start()
 
@@ -55,6 +61,8 @@ class LogReader:
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
+            if self._on_line is not None:
+                self._on_line(line)
 
     def join(self) -> None:
         """After the process ended: wait for the last lines and close the pipe."""
@@ -72,11 +80,33 @@ class LogReader:
 
 
 class Daemon:
-    """A running `uplinkd` daemon process and its log."""
+    """A running `uplinkd` daemon process and its log.
 
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
+    With `readback` (see nft_readback_problem), the datapath is checked after each apply the
+    daemon logs and once more when the test stops it; what failed is in `nft_problems`, and
+    `stop` raises it once the process is gone.
+    """
+
+    def __init__(
+        self, proc: subprocess.Popen[str], readback: Callable[[], str | None] | None = None
+    ) -> None:
         self.proc = proc
-        self.log = LogReader(proc)
+        self.nft_problems: list[str] = []
+        self._readback = readback
+        self.log = LogReader(proc, self._after_line if readback is not None else None)
+
+    def _after_line(self, line: str) -> None:
+        if APPLIED in line:
+            self._check_readback(f"after {line.strip()!r}")
+
+    def _check_readback(self, when: str) -> None:
+        assert self._readback is not None
+        try:
+            problem = self._readback()
+        except Exception as exc:  # noqa: BLE001 - reported by stop(), not lost in a thread
+            problem = f"the check itself failed: {exc!r}"
+        if problem is not None:
+            self.nft_problems.append(f"{when}: {problem}")
 
     @property
     def running(self) -> bool:
@@ -87,6 +117,8 @@ class Daemon:
 
     def stop(self, number: int = signal.SIGTERM) -> None:
         if self.running:
+            if self._readback is not None:
+                self._check_readback("before the daemon was stopped")
             self.proc.send_signal(number)
             try:
                 self.proc.wait(timeout=10)
@@ -94,6 +126,14 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.log.join()
+        self.raise_nft_problems()
+
+    def raise_nft_problems(self) -> None:
+        problems, self.nft_problems = self.nft_problems, []  # reported once
+        if problems:
+            raise AssertionError(
+                "the distribution's nft failed on uplinkd's datapath:\n" + "\n".join(problems)
+            )
 
 
 def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -137,17 +177,76 @@ def legacy_usable(lab: Lab) -> Lab:
     return lab
 
 
+APPLIED = "applied generation"  # the daemon's log line after each apply
+SIGSEGV_EXIT = 139  # what a shell reports for a process killed by SIGSEGV
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:  # `ip netns exec` execs nft: killed by a signal, as subprocess reports it
+        returncode = 128 - returncode
+    return f"{returncode} (segfault)" if returncode == SIGSEGV_EXIT else str(returncode)
+
+
+def nft_readback_problem(
+    lab: Lab, *listing: str, live: bool = False, load: bool = True
+) -> str | None:
+    """What an admin's first commands make of the router's ruleset, or None when all is well.
+
+    The distribution's `nft` must list the ruleset (Debian 12's nft 1.0.6 segfaulted on a map
+    declared `typeof jhash ...`), and the listing must load back with `nft -c -f -` (check
+    mode: the kernel validates the transaction, nothing is committed). `listing` is the nft
+    arguments (default: list ruleset). The listing is loaded after `flush ruleset`, as a saved
+    /etc/nftables.conf would be: a daemon may change a map between the listing and the check,
+    and an element added again with another verdict is refused (EEXIST). With `live`, it is
+    loaded on top of the ruleset in force instead (only while nothing changes it); without
+    `load`, only listed (a partial listing such as `list maps` names chains it does not hold).
+    """
+    argv = ("nft", *(listing or ("list", "ruleset")))
+    listed = lab.run(lab.ns_router, *argv, check=False)
+    if listed.returncode != 0:
+        if "Cannot open network namespace" in listed.stderr:
+            return None  # the lab is gone already: nothing to list
+        status = _exit_status(listed.returncode)
+        return f"`{' '.join(argv)}` exited {status}: {listed.stderr.strip()}"
+    if not load:
+        return None
+    text = listed.stdout if live else "flush ruleset\n" + listed.stdout
+    loaded = lab.run(lab.ns_router, "nft", "-c", "-f", "-", stdin=text, check=False)
+    if loaded.returncode != 0:
+        status = _exit_status(loaded.returncode)
+        how = "on top of the ruleset in force" if live else "after flush ruleset"
+        return (
+            f"`nft -c -f -` of the output of `{' '.join(argv)}` ({how}) exited {status}: "
+            f"{loaded.stderr.strip()}\n{listed.stdout}"
+        )
+    return None
+
+
+def check_nft_readback(lab: Lab, *listing: str, live: bool = False, load: bool = True) -> None:
+    problem = nft_readback_problem(lab, *listing, live=live, load=load)
+    if problem is not None:
+        raise AssertionError(f"the distribution's nft failed on the router's ruleset: {problem}")
+
+
 class Uplinkd:
     """Runs the uplinkd command line inside the lab's router namespace.
 
     With a `backend`, TOML files it writes say `backend = "..."` and the other files (a
     balance.conf has no such key) get `--backend` on the command line.
+
+    After each run and each apply of a daemon it started, the router's ruleset is checked the
+    way an admin would look at it (check_nft_readback): `nft list ruleset` works and its output
+    loads back with `nft -c -f -` (unless `readback` is off, as in the benchmarks).
     """
 
-    def __init__(self, lab: Lab, workdir: Path, backend: str | None = None) -> None:
+    def __init__(
+        self, lab: Lab, workdir: Path, backend: str | None = None, *, readback: bool = True
+    ) -> None:
         self.lab = lab
         self.workdir = workdir
         self.backend = backend
+        # Off for the benchmarks: two nft processes per apply would load what they measure.
+        self.readback = readback
         self.daemons: list[Daemon] = []
         if backend == "iptables":
             legacy_usable(lab)
@@ -167,6 +266,8 @@ class Uplinkd:
             raise AssertionError(
                 f"uplinkd {' '.join(argv)} exited {result.returncode}:\n{result.stderr}"
             )
+        if self.readback:
+            check_nft_readback(self.lab)
         return result
 
     def start(
@@ -189,15 +290,23 @@ class Uplinkd:
         proc = subprocess.Popen(
             [*cmd, "--config", str(config), *argv], stderr=subprocess.PIPE, text=True, env=env
         )
-        daemon = Daemon(proc)
+        daemon = Daemon(proc, (lambda: nft_readback_problem(self.lab)) if self.readback else None)
         self.daemons.append(daemon)
         if ready is not None and not daemon.log.wait_for(ready):
-            daemon.stop()
-            raise AssertionError(f"uplinkd did not get ready:\n{daemon.log.text}")
+            found = ""
+            try:
+                daemon.stop()
+            except AssertionError as exc:  # not ready comes first; what nft said, after it
+                found = f"\n{exc}"
+            raise AssertionError(f"uplinkd did not get ready:\n{daemon.log.text}{found}")
         return daemon
 
     def kernel_state(self) -> str:
         """Everything uplinkd could have touched, as text to compare before/after."""
+        if self.readback:
+            check_nft_readback(self.lab)
+        for daemon in self.daemons:
+            daemon.raise_nft_problems()
         parts = []
         for argv in (
             ("nft", "list", "ruleset"),
@@ -224,9 +333,14 @@ def uplinkd(lab2: Lab, tmp_path: Path) -> Iterator[Uplinkd]:
 
 
 def stop_all(runner: Uplinkd) -> None:
-    """Stop the runner's daemons and remove its backend's datapath from the lab's router."""
+    """Stop the runner's daemons and remove its backend's datapath from the lab's router; then
+    fail with what nft made of the datapath they applied, if anything failed."""
+    problems = []
     for daemon in runner.daemons:
-        daemon.stop()
+        try:
+            daemon.stop()
+        except AssertionError as exc:
+            problems.append(str(exc))
     argv = [
         sys.executable,
         "-m",
@@ -236,3 +350,5 @@ def stop_all(runner: Uplinkd) -> None:
         runner.backend or "nftables",
     ]
     runner.lab.run(runner.lab.ns_router, *argv, check=False)
+    if problems:
+        raise AssertionError("\n".join(problems))

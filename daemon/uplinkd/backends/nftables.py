@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 TABLE = f"{const.NFT_FAMILY} {const.NFT_TABLE}"
 _NO_LINK_CHAIN = "no_link"
 _STATE_SET = "uplinkd_state"
-# libnftables 1.0.6 crashes printing a `typeof jhash` map as text in-process (the nft command
-# does not), so uplinkd reads its table back only as JSON, where table comments are missing:
-# the structure digest lives in the comment of this empty set instead.
+# uplinkd reads its table back only as JSON (libnftables 1.0.6 crashed printing a `typeof jhash`
+# map as text, in-process and in the nft command; see _map_type), where table comments are
+# missing: the structure digest lives in the comment of this empty set instead.
 _DIGEST_PREFIX = "uplinkd structure="
 _NAME_SET_PREFIX = "name_of_link_"
 # fastest-response: per rule, the destinations learned (address -> link chain, with a timeout)
@@ -87,8 +87,17 @@ def _selector(dispatch: Dispatch) -> str:
 
 
 def _map_type(dispatch: Dispatch) -> str:
-    # nft 1.0.6 wants typeof for maps fed by numgen/jhash; the modulus there is only a type hint.
-    return _selector(dispatch).split(" seed")[0]
+    """The key of a rule's bucket map: a bucket number, 0 to buckets - 1, whatever picks it.
+
+    nft 1.0.6 accepts no explicit `type` here: `type integer` is "unqualified", and `type mark`
+    (like `typeof meta mark`) is a datatype mismatch for numgen and jhash alike. So the key is
+    declared `typeof numgen random mod N` for every selector: numgen's declaration is stored
+    and listed back fine, while a map declared `typeof jhash ...` makes Debian 12's `nft list
+    ruleset` (and `list table`, `list maps`, -a, -s) crash with a segfault. jhash and numgen
+    both give a 32-bit host-order integer, so the elements and lookups are the same; the
+    modulus is only a type hint.
+    """
+    return f"numgen random mod {dispatch.buckets}"
 
 
 def _link_chain(link_id: int) -> str:
