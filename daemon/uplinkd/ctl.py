@@ -175,9 +175,23 @@ def learned_json(destinations: Sequence[Sequence[Any]]) -> str:
     return json.dumps(entries, indent=2) + "\n"
 
 
+# Link properties that the contract sets to -1 when nothing was measured, since D-Bus has no
+# null; JSON has one, and a script should not average a -1 into its latencies.
+NOT_MEASURED_WHEN_NEGATIVE = frozenset({"LatencyMs", "HopLatencyMs"})
+
+
+def measured_or_null(link: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: None if key in NOT_MEASURED_WHEN_NEGATIVE and float(value) < 0 else value
+        for key, value in link.items()
+    }
+
+
 def status_json(status: Status) -> str:
+    """GetStatus as JSON, keys sorted, with null for a figure that is not measured."""
     manager, links = status
-    return json.dumps({"manager": manager, "links": links}, indent=2, sort_keys=True) + "\n"
+    data = {"manager": manager, "links": [measured_or_null(link) for link in links]}
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def timestamp(when: float) -> str:

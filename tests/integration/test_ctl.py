@@ -166,7 +166,10 @@ def test_status_json(bus_address: str, service: Service) -> None:
         "192.0.2.10/24",
     )
     assert (first["RxBps"], first["NewConnectionShare"]) == (12_300_000, 0.75)
-    assert data["links"][1]["LatencyMs"] == -1
+    # Not measured: null, not the contract's -1 (D-Bus has no null); measured zeros stay zeros.
+    assert (first["LatencyMs"], first["HopLatencyMs"]) == (12.5, None)
+    second = data["links"][1]
+    assert (second["LatencyMs"], second["HopLatencyMs"], second["RxBps"]) == (None, None, 0)
 
 
 def test_up_and_down_reach_the_controller(bus_address: str, service: Service) -> None:

@@ -15,6 +15,7 @@ from dbus_fast import Variant
 from uplinkd import ctl
 
 NOW = 1_700_000_000.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def link(**overrides: Any) -> dict[str, Any]:
@@ -170,8 +171,32 @@ def test_unwrap_status_and_json() -> None:
     status = ctl.unwrap_status(body)
     assert status == (MANAGER, [{"Name": "DSL", "LatencyMs": -1.0}])
     data = json.loads(ctl.status_json(status))
-    assert data == {"manager": MANAGER, "links": [{"LatencyMs": -1.0, "Name": "DSL"}]}
+    assert data == {"manager": MANAGER, "links": [{"LatencyMs": None, "Name": "DSL"}]}
     assert list(data) == ["links", "manager"]  # sorted: stable for diffs and scripts
+
+
+def test_status_json_says_null_for_what_is_not_measured() -> None:
+    """D-Bus has no null: the contract's -1 for "not measured" becomes JSON's null, and only
+    that; a measured figure, zeros included, is passed on as it is."""
+    manager, (dsl, lte) = STATUS
+    measured = {**dsl, "HopLatencyMs": 8.25, "LossPercent": 0.0, "NewConnectionShare": 0.0}
+    unmeasured = {**lte, "HopLatencyMs": -1.0, "RxBps": 0}
+    data = json.loads(ctl.status_json((manager, [measured, unmeasured])))
+    first, second = data["links"]
+    assert (first["LatencyMs"], first["HopLatencyMs"]) == (12.34, 8.25)
+    assert (first["LossPercent"], first["NewConnectionShare"]) == (0.0, 0.0)
+    assert (second["LatencyMs"], second["HopLatencyMs"]) == (None, None)
+    assert (second["LossPercent"], second["RxBps"], second["TxBps"]) == (100.0, 0, 850)
+    assert "-1" not in ctl.status_json((manager, [measured, unmeasured]))
+    assert data["manager"] == MANAGER
+
+
+def test_every_sentinel_of_the_contract_becomes_null() -> None:
+    """The properties whose documentation in the XML gives -1 a meaning are the ones converted."""
+    contract = (ROOT / "dbus" / "org.uplinkd.Uplinkd1.xml").read_text()
+    sentinels = set(re.findall(r"<!--\s+(\w+):\n[^>]*?\s-1 when[^>]*?-->\s*<property", contract))
+    assert sentinels == {"LatencyMs", "HopLatencyMs"}  # the regular expression still finds them
+    assert sentinels == ctl.NOT_MEASURED_WHEN_NEGATIVE
 
 
 def test_monitor_lines(monkeypatch: pytest.MonkeyPatch) -> None:
