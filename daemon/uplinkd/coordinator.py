@@ -465,7 +465,9 @@ class Coordinator:
         self.applies += 1
         self.plan = plan
         self.fastest.on_apply(plan, report.netfilter)
-        if report.changed:
+        # A plan the kernel already held (adopted at start) is still this daemon's first
+        # generation: 0 would say that nothing is in force.
+        if report.changed or self.generation == 0:
             self.generation += 1
             for listener in self.plan_listeners:
                 listener(self.generation)

@@ -271,6 +271,7 @@ def test_restart_after_kill_adopts_the_datapath_without_breaking_flows(
         second = uplinkd.start(config)
         assert "adopting the datapath in place; links up in it: ISP1, ISP2" in second.log.text
         assert "netfilter: none; routes +0/-0; rules +0/-0" in second.log.text
+        assert "applied generation 1, links in use: ISP1, ISP2" in second.log.text  # not 0
         out, _ = client.communicate(timeout=30)
     finally:
         client.kill()
