@@ -10,10 +10,13 @@ correctness; the times are measured by the benchmarks (tests/bench/device_events
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab
 
-from .conftest import Uplinkd, needs_root, wait_until
+from .conftest import Uplinkd, needs_root, stop_all, wait_until
 from .test_failover import MONITORED, both_used, start
 
 pytestmark = [needs_root, pytest.mark.lab]
@@ -24,13 +27,27 @@ def via_only(lab: Lab, isp: str, count: int = 20) -> bool:
     return result.counts_by_isp().get(isp, 0) == count
 
 
-@pytest.mark.parametrize("kind", DEVICE_FAULTS)
+# The legacy backend too, for the events whose apply path was broken (routes refused).
+CASES = [
+    *((kind, "nftables") for kind in DEVICE_FAULTS),
+    *((kind, "iptables") for kind in ("admin", "deleted", "renamed")),
+]
+
+
+@pytest.fixture
+def runner(request: pytest.FixtureRequest, lab2: Lab, tmp_path: Path) -> Iterator[Uplinkd]:
+    runner = Uplinkd(lab2, tmp_path, request.param)
+    yield runner
+    stop_all(runner)
+
+
+@pytest.mark.parametrize(("kind", "runner"), CASES, indirect=["runner"])
 @pytest.mark.parametrize("isp", [1, 2])
 def test_device_event_moves_traffic_and_the_link_returns(
-    lab2: Lab, uplinkd: Uplinkd, isp: int, kind: str
+    lab2: Lab, runner: Uplinkd, isp: int, kind: str
 ) -> None:
     name, other = f"ISP{isp}", f"ISP{3 - isp}"
-    daemon = start(uplinkd, uplinkd.write_config(MONITORED.format(extra_target="")))
+    daemon = start(runner, runner.write_config(MONITORED.format(extra_target="")))
     assert wait_until(lambda: both_used(lab2), 10), daemon.log.text
     try:
         lab2.set_device_fault(isp, kind, faulty=True)
