@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from uplinkd import balanceconf, cli, ctl
 from uplinkd.errors import ConfigError
-from uplinkd.model import Config
+from uplinkd.model import BANDWIDTH_METHODS, Config
 from uplinkd.tomlconf import parse_toml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,6 +196,12 @@ def test_documented_defaults_are_the_parsers() -> None:
         if not found or found.group(1) != expected:
             wrong.append(f"[{table}] {key}: documented {entry!r}, parser default {expected}")
     assert wrong == []
+
+
+def test_bandwidth_mbps_names_the_methods_that_need_it() -> None:
+    entry = roff("uplinkd.toml.5").split("\\fBbandwidth_mbps\\fR = ", 1)[1].split("\n.TP\n", 1)[0]
+    missing = [str(method) for method in BANDWIDTH_METHODS if str(method) not in entry]
+    assert missing == [], "say in uplinkd.toml(5) which methods need bandwidth_mbps"
 
 
 def test_the_migration_section_covers_every_balance_conf_option() -> None:
