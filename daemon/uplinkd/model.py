@@ -40,15 +40,21 @@ class Nat(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Monitor:
-    """Link monitoring settings: foolsm's names and meanings, uplinkd's faster defaults."""
+    """Link monitoring settings: foolsm's names and meanings, uplinkd's faster defaults.
 
-    interval_ms: int = 200  # foolsm: 1000
-    timeout_ms: int = 300  # foolsm: 1000; rounds overlap, so this does not slow the cadence
-    max_packet_loss: int = 20  # percent of the window; foolsm: 15
-    max_successive_pkts_lost: int = 3  # foolsm: 7
-    min_packet_loss: int = 10  # percent; foolsm: 5
-    min_successive_pkts_rcvd: int = 5  # foolsm: 10
-    long_down_time: int = 60  # seconds; foolsm: 120
+    The comments give what Net-ISP-Balance ran foolsm with: the lsm.conf load_balance.pl 1.33
+    writes (its documentation quotes foolsm's compiled-in 1000/1000/15/7/5/10, which lsm.conf
+    overrides). foolsm takes the percentages over its last 100 probes, uplinkd over its last
+    const.LOSS_WINDOW_ROUNDS rounds, so equal numbers recover at different speeds (README.md,
+    "Link monitoring")."""
+
+    interval_ms: int = 200  # Net-ISP-Balance: 1000
+    timeout_ms: int = 300  # 500; rounds overlap, so this does not slow the cadence
+    max_packet_loss: int = 20  # percent of the window; 20 (of foolsm's 100 probes)
+    max_successive_pkts_lost: int = 3  # 7
+    min_packet_loss: int = 10  # percent of the window; 10 (of foolsm's 100 probes)
+    min_successive_pkts_rcvd: int = 5  # 5
+    long_down_time: int = 60  # seconds; 120
     warn_email: str = ""
 
 

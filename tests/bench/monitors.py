@@ -1,7 +1,11 @@
 """The probe settings the failover benchmark compares, and its lab configuration.
 
 - ``uplinkd``: uplinkd's defaults (model.Monitor()), written as no [monitor] table at all;
-- ``foolsm``: foolsm's defaults (Net-ISP-Balance's link monitor), the values model.py names;
+- ``foolsm``: foolsm's compiled-in defaults (its config.c: 1000 ms interval and timeout, 15 %,
+  7 in a row, 5 %, 10 in a row), which Net-ISP-Balance's documentation quotes. They are not what
+  a Net-ISP-Balance router runs: load_balance.pl 1.33 writes 1000 ms, 500 ms, 20 %, 7, 10 %, 5
+  into lsm.conf (the values model.py names). Either way uplinkd applies the percentages to its
+  20-round window, not foolsm's 100 probes, so this models the settings, not foolsm;
 - ``mwan3``: a model of mwan3 (OpenWrt) with mwan3track's defaults: a ping every 10 s
   (``interval``) with a 4 s ``timeout``, offline after 5 failures in a row (``down``), online
   after 5 successes in a row (``up``). mwan3 has no loss-percentage rules (without
