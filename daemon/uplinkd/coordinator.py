@@ -270,8 +270,10 @@ class Coordinator:
             for link in list(self.links.values()):
                 self._handle(link.tick(now))
             # Links whose routes the kernel refused, and connections still owed a forget, are
-            # retried on their own: the apply is a diff, so for the rest it changes nothing.
-            owed = self._pending.forget or any(x.routes_missing for x in self.links.values())
+            # retried on their own: the apply is a diff, so for the rest it changes nothing. (A
+            # link without device or address waits for netlink to report them instead.)
+            refused = (x for name, x in self.links.items() if name in self.facts)
+            owed = self._pending.forget or any(x.routes_missing for x in refused)
             if owed and now >= next_route_retry:
                 next_route_retry = now + const.APPLY_RETRY_S
                 self._schedule()
@@ -405,19 +407,18 @@ class Coordinator:
         raise ApplyError("the plan kept sending traffic to links whose routes were refused")
 
     def _follow_routes(self, report: ApplyReport) -> None:
-        """Tell each planned link whether its routes are in the kernel after this apply."""
+        """Tell each link whether its routes are in the kernel after this apply: a link whose
+        device is gone or has no address (not in the plan) has none either."""
         now = self.clock()
         for link_config in self.config.links:
             link = self.links[link_config.name]
             if link_config.name not in self.facts:
-                continue  # not in the plan: no routes were tried
-            why = report.unroutable.get(link_config.device)
+                why: str | None = f"device {link_config.device} is missing or has no IPv4 address"
+            else:
+                why = report.unroutable.get(link_config.device)
             if why is not None and not link.routes_missing:
                 log.warning(
-                    "link %s: routes refused, retrying every %.0f s: %s",
-                    link_config.name,
-                    const.APPLY_RETRY_S,
-                    why,
+                    "link %s: out of use until its routes are in: %s", link_config.name, why
                 )
                 self._handle(link.routes_refused(now, why))
             elif why is None and link.routes_missing:
@@ -429,8 +430,8 @@ class Coordinator:
         now, so a failure is no failed apply: the link stays owed and is retried on its own
         (the ticker), and the other links' connections are forgotten all the same."""
         for name in sorted(names):
-            if name not in self.facts:
-                continue
+            if name not in self._names():
+                continue  # a reload removed it, and its mark with it
             mark = planner.link_mark(self._link_id(name), self.config.mark_mask)
             try:
                 count = await conntrack.forget_mark(mark, self.config.mark_mask)
