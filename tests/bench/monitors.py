@@ -1,11 +1,13 @@
 """The probe settings the failover benchmark compares, and its lab configuration.
 
 - ``uplinkd``: uplinkd's defaults (model.Monitor()), written as no [monitor] table at all;
-- ``foolsm``: foolsm's compiled-in defaults (its config.c: 1000 ms interval and timeout, 15 %,
-  7 in a row, 5 %, 10 in a row), which Net-ISP-Balance's documentation quotes. They are not what
-  a Net-ISP-Balance router runs: load_balance.pl 1.33 writes 1000 ms, 500 ms, 20 %, 7, 10 %, 5
-  into lsm.conf (the values model.py names). Either way uplinkd applies the percentages to its
-  20-round window, not foolsm's 100 probes, so this models the settings, not foolsm;
+- ``foolsm``: foolsm as a Net-ISP-Balance router runs it: the lsm.conf that load_balance.pl 1.33
+  writes (1000 ms interval, 500 ms timeout, 20 % or 7 in a row to go down, at most 10 % and 5 in
+  a row to come back, long_down_time 120; model.py names them). foolsm's compiled-in defaults
+  (1000 ms timeout, 15 %, 10 in a row, 5 %), which Net-ISP-Balance's documentation quotes, are
+  overridden by that file. uplinkd applies the percentages to its 20-round window, not foolsm's
+  100 probes, so this models the settings, not foolsm (whose recovery after a long outage takes
+  90 answered probes, up to 91 s: see the README);
 - ``mwan3``: a model of mwan3 (OpenWrt) with mwan3track's defaults: a ping every 10 s
   (``interval``) with a 4 s ``timeout``, offline after 5 failures in a row (``down``), online
   after 5 successes in a row (``up``). mwan3 has no loss-percentage rules (without
@@ -30,11 +32,11 @@ SETTINGS: dict[str, Monitor] = {
     "uplinkd": Monitor(),
     "foolsm": Monitor(
         interval_ms=1000,
-        timeout_ms=1000,
-        max_packet_loss=15,
+        timeout_ms=500,
+        max_packet_loss=20,
         max_successive_pkts_lost=7,
-        min_packet_loss=5,
-        min_successive_pkts_rcvd=10,
+        min_packet_loss=10,
+        min_successive_pkts_rcvd=5,
         long_down_time=120,
     ),
     "mwan3": Monitor(

@@ -14,7 +14,7 @@ from .stats import fmt_ms
 FAULT_NAMES = {"silent": "silent upstream failure", "carrier": "carrier loss"}
 MONITOR_NAMES = {
     "uplinkd": "uplinkd defaults",
-    "foolsm": "foolsm's defaults",
+    "foolsm": "Net-ISP-Balance's foolsm settings",
     "mwan3": "mwan3's defaults (model)",
 }
 # The issue's targets: failover with uplinkd's defaults, judged on the p95; overhead on the median.
