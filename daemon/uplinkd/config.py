@@ -7,11 +7,13 @@ either: file, line, key, what is allowed. The format is told apart by content, n
 
 from __future__ import annotations
 
+import logging
 import re
+import stat
 import tomllib
 from pathlib import Path
 
-from . import balanceconf
+from . import balanceconf, hookfiles
 from .errors import ConfigError
 from .model import Config
 from .tomlconf import BOM, ROOT_KEYS, parse_toml
@@ -19,14 +21,37 @@ from .validate import validate
 
 __all__ = ["load", "parse", "parse_toml", "validate"]
 
+log = logging.getLogger(__name__)
+# Warnings about a readable password already given, so a reload does not repeat them.
+_warned: set[str] = set()
+
 
 def load(path: Path) -> Config:
-    """Read a configuration file, TOML or balance.conf, told apart by content."""
+    """Read a configuration file, TOML or balance.conf, told apart by content.
+
+    It decides what root runs, so it is refused unless root (or the user uplinkd runs as) owns
+    it and neither group nor others may write it; checked on the open file, so what is checked
+    is what is read (hookfiles). One holding the [mail] password that others may read is used,
+    with a warning (once per file)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        content, info = hookfiles.read_trusted(path, follow_links=True)
+        text = content.decode("utf-8")
+    except hookfiles.UntrustedFileError as error:
+        raise ConfigError(
+            path, f"refused: {error}; whoever may change it decides what root runs"
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(path, f"cannot read the configuration: {error}") from None
-    return parse(text, path)
+    config = parse(text, path)
+    if config.mail.password and info.st_mode & stat.S_IROTH:
+        warning = (
+            f"{path}: holds the [mail] password and others may read it "
+            f"(mode {stat.filemode(info.st_mode)}); chmod o-r it"
+        )
+        if warning not in _warned:
+            _warned.add(warning)
+            log.warning("%s", warning)
+    return config
 
 
 def parse(text: str, path: Path) -> Config:

@@ -28,7 +28,7 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from . import const, hooks
+from . import const, hookfiles
 
 if TYPE_CHECKING:
     from .link import LinkStats, Transition
@@ -212,7 +212,7 @@ class EventHooks:
         self.root = root
         self.timeout_s = timeout_s
         self._background = Background()
-        self._refusals_logged: set[str] = set()
+        self._refusals = hookfiles.RefusalLog(log)
 
     def fire(self, event: LinkEvent) -> None:
         """Run the hooks of the event's new state in the background; returns at once."""
@@ -224,23 +224,19 @@ class EventHooks:
         return await self._background.drain(timeout)
 
     def executables(self, directory: Path) -> list[Path]:
-        """The hooks to run from directory in name order; refusals are logged once per run."""
-        if not directory.is_dir():
-            return []
+        """The hooks to run from directory in name order; each refusal is logged once, when it
+        appears (hookfiles: links, unsafe files and unsafe directories are refused).
+
+        A hook is exec'd by name after this check: only root or uplinkd's user, who may write
+        the checked directory, could swap it in between."""
         usable: list[Path] = []
-        for path in sorted(directory.iterdir()):
-            if path.name.startswith(".") or path.name.endswith(("~", ".bak")):
-                continue
-            if not path.is_file():
-                continue
-            reason = hooks.refusal(path)
-            if reason is None and not os.access(path, os.X_OK):
-                reason = f"{path}: refused: not executable"
-            if reason is None:
+        found, refused = hookfiles.usable_files(directory, self.root)
+        for path in found:
+            if os.access(path, os.X_OK):
                 usable.append(path)
-            elif reason not in self._refusals_logged:
-                self._refusals_logged.add(reason)
-                log.warning("%s", reason)
+            else:
+                refused.append(f"{path}: refused: not executable")
+        self._refusals.report(directory, refused)
         return usable
 
     async def _run_all(self, directory: Path, event: LinkEvent) -> None:

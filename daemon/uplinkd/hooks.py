@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import stat
 import subprocess
 import sys
 import traceback
@@ -25,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
-from . import const
+from . import const, hookfiles
 from .errors import ConfigError, HookError
 from .model import Config, Match, Method, PortForward, PortRange, Rule
 from .plan import HookLine, LinkFacts, RouteSpec
@@ -51,34 +50,25 @@ class Hooks:
     not_run: list[str] = field(default_factory=list)  # .py hooks a dry run left out
 
 
-def refusal(path: Path) -> str | None:
-    """Why a hook file must not be used, or None if it may."""
-    info = path.stat()
-    if info.st_uid != 0:
-        return f"{path}: refused: owned by uid {info.st_uid}, not root"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{path}: refused: writable by group or others (mode {stat.filemode(info.st_mode)})"
-    return None
+refusal = hookfiles.refusal  # why a hook file must not be used (a link, its owner, its mode)
+_refusals = hookfiles.RefusalLog(log)
 
 
 def hook_files(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Usable hook files as (stage, path) in run order, and the refusals."""
+    """Usable hook files as (stage, path) in run order, and the refusals (each logged once,
+    when it first appears: see hookfiles for what is refused)."""
     found: list[tuple[str, Path]] = []
     refused: list[str] = []
     for stage in const.HOOK_DIRS:
-        directory = root / stage
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.iterdir()):
-            if path.name.endswith(("~", ".bak")) or path.name.startswith(".") or not path.is_file():
-                continue
-            reason = refusal(path)
+        usable, unsafe = hookfiles.usable_files(root / stage, root)
+        refused.extend(unsafe)
+        for path in usable:
             if path.suffix == ".pl":
-                reason = f"{path}: refused: Perl hooks are not run; port it to a .py hook with B"
-            if reason:
-                refused.append(reason)
+                perl = "Perl hooks are not run; port it to a .py hook with B"
+                refused.append(f"{path}: refused: {perl}")
             else:
                 found.append((stage, path))
+    _refusals.report(root, refused)
     return found, refused
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -771,3 +773,73 @@ def test_names_differing_only_in_case_are_one_name() -> None:
         '[[lan]]\nname = "LAN"\ndevice = "eth2"\n[firewall]\nforwarding_groups = [["lan", "dsl"]]\n'
     )
     assert groups.firewall.forwarding_groups == (("LAN", "DSL"),)
+
+
+# --- issue 12: who may change the configuration decides what root runs ---------------------------
+
+
+@pytest.mark.parametrize(("mode", "shown"), [(0o666, "-rw-rw-rw-"), (0o664, "-rw-rw-r--")])
+def test_a_configuration_others_may_write_is_refused(tmp_path: Path, mode: int, shown: str) -> None:
+    path = tmp_path / "uplinkd.toml"
+    path.write_text(BASE)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == (
+        f"{path}: refused: writable by group or others (mode {shown}); "
+        "whoever may change it decides what root runs"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("name", ["uplinkd.toml", "balance.conf"])
+def test_a_configuration_owned_by_another_user_is_refused(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text(BASE if name.endswith(".toml") else "CABLE eth0 isp 1.1.1.1\nLAN eth1 lan\n")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == (
+        f"{path}: refused: owned by uid 65534, not root; whoever may change it decides what "
+        "root runs"
+    )
+
+
+def test_a_linked_configuration_is_checked_where_it_points(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_text(BASE)
+    link = tmp_path / "uplinkd.toml"
+    link.symlink_to(real)
+    assert config.load(link).links[0].name == "DSL"
+    real.chmod(0o646)
+    with pytest.raises(ConfigError, match=r"uplinkd.toml: refused: writable by group or others"):
+        config.load(link)
+
+
+MAIL_LOGIN = '[mail]\nsmtp_server = "mail.example.net"\nusername = "router"\npassword = "s3cret"\n'
+
+
+def test_a_password_others_may_read_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "uplinkd.toml"
+    path.write_text(BASE + MAIL_LOGIN)
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="uplinkd.config"):
+        for _ in range(3):  # start and two reloads
+            assert config.load(path).mail.username == "router"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: holds the [mail] password and others may read it (mode -rw-r--r--); chmod o-r it"
+    ]
+
+
+@pytest.mark.parametrize(("extra", "mode"), [(MAIL_LOGIN, 0o640), ("", 0o644)])
+def test_no_warning_for_a_private_password_or_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, extra: str, mode: int
+) -> None:
+    path = tmp_path / "uplinkd.toml"
+    path.write_text(BASE + extra)
+    path.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="uplinkd.config"):
+        config.load(path)
+    assert caplog.records == []

@@ -5,35 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat
 import time
 from pathlib import Path
 
 import pytest
-from uplinkd import events, hooks
+from uplinkd import events
 from uplinkd.events import EventHooks, LinkEvent, ProbeCounters, TargetFigures
 from uplinkd.link import LinkState, LinkStats, TargetStats, Transition
 
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture(autouse=True)
-def trust_own_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unit tests run unprivileged too: there, the test user's files stand in for root's."""
-    if ROOT:
-        return
-    original = hooks.refusal
-
-    def refusal(path: Path) -> str | None:
-        info = path.stat()
-        if info.st_uid != os.geteuid():
-            return original(path)
-        if info.st_mode & 0o022:
-            mode = stat.filemode(info.st_mode)
-            return f"{path}: refused: writable by group or others (mode {mode})"
-        return None
-
-    monkeypatch.setattr(hooks, "refusal", refusal)
 
 
 def event(
@@ -55,7 +35,7 @@ def event(
 
 def hook(root: Path, relative: str, body: str, mode: int = 0o755) -> Path:
     path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # 0755 whatever the umask
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(mode)
     return path
@@ -186,6 +166,77 @@ def test_hook_owned_by_another_user_is_refused(
         asyncio.run(main())
     assert not out.exists()
     assert f"{foreign}: refused: owned by uid 65534, not root" in caplog.text
+
+
+def fire_and_drain(root: Path, *transitions: tuple[LinkState, LinkState]) -> None:
+    async def main() -> None:
+        hooks_ = EventHooks(root, timeout_s=5)
+        for old, new in transitions:
+            hooks_.fire(event(old, new))
+        assert await hooks_.drain(10)
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def touch_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where /usr/bin/touch, run as a hook, would leave files named after its arguments."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def test_a_link_to_a_root_program_is_not_run(
+    tmp_path: Path, touch_cwd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ln -s /usr/bin/touch up.d/zz` passed a check that followed the link to its target."""
+    out = tmp_path / "out"
+    hook(tmp_path, "up.d/10-good", f"echo good >> {out}\n")
+    link = tmp_path / "up.d" / "zz"
+    link.symlink_to("/usr/bin/touch")
+    with caplog.at_level(logging.WARNING):
+        fire_and_drain(tmp_path, (LinkState.INIT, LinkState.UP), (LinkState.DOWN, LinkState.UP))
+    assert out.read_text() == "good\ngood\n"
+    assert list(touch_cwd.iterdir()) == []
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == [
+        f"{link}: refused: a symbolic link (to /usr/bin/touch); hooks must be files"
+    ]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
+def test_a_directory_others_may_write_runs_nothing(
+    tmp_path: Path, touch_cwd: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    """A world-writable (even sticky) or group-writable up.d: anyone in it may add a hook."""
+    out = tmp_path / "out"
+    hook(tmp_path, "up.d/10-root-wrote-this", f"echo ran >> {out}\n")
+    (tmp_path / "up.d").chmod(mode)
+    with caplog.at_level(logging.WARNING):
+        fire_and_drain(tmp_path, (LinkState.INIT, LinkState.UP), (LinkState.DOWN, LinkState.UP))
+    assert not out.exists()
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1
+    assert refusals[0].startswith(
+        f"{tmp_path / 'up.d'}: refused: directory writable by group or others (mode d"
+    )
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give a directory to another owner")
+def test_a_directory_owned_by_another_user_runs_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    hook(tmp_path, "down.d/10-root-wrote-this", f"echo ran >> {out}\n")
+    os.chown(tmp_path / "down.d", 65534, 65534)
+    with caplog.at_level(logging.WARNING):
+        fire_and_drain(tmp_path, (LinkState.UP, LinkState.DOWN))
+    assert not out.exists()
+    assert (
+        f"{tmp_path / 'down.d'}: refused: directory owned by uid 65534, not root; "
+        "its hooks are not used"
+    ) in caplog.text
 
 
 def test_hanging_and_failing_hooks_never_stall_the_loop(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -33,26 +34,9 @@ def config(tmp_path: Path) -> Config:
     )
 
 
-@pytest.fixture(autouse=True)
-def trust_own_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unit tests run unprivileged: files owned by the test user count as root's here."""
-    uid = os.geteuid()
-    original = hooks.refusal
-
-    def refusal(path: Path) -> str | None:
-        if path.stat().st_uid == uid and uid != 0:
-            os_stat = path.stat()
-            if os_stat.st_mode & 0o022:
-                return original(path)
-            return None
-        return original(path)
-
-    monkeypatch.setattr(hooks, "refusal", refusal)
-
-
 def write(root: Path, relative: str, text: str, mode: int = 0o644) -> Path:
     path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # 0755 whatever the umask
     path.write_text(text)
     path.chmod(mode)
     return path
@@ -87,6 +71,73 @@ def test_file_not_owned_by_root_is_refused_by_name(tmp_path: Path) -> None:
     bad = write(tmp_path, "firewall/01.theirs", "add table inet x\n")
     os.chown(bad, 65534, 65534)
     assert hooks.hook_files(tmp_path)[1] == [f"{bad}: refused: owned by uid 65534, not root"]
+
+
+def test_a_link_is_refused_even_to_a_safe_file(tmp_path: Path) -> None:
+    """The check looked at a link's target: a link to any root-owned file passed it."""
+    target = write(tmp_path, "elsewhere/rules", "add table inet x\n")
+    link = tmp_path / "firewall" / "01.link"
+    link.parent.mkdir(mode=0o755)
+    link.symlink_to(target)
+    found, refused = hooks.hook_files(tmp_path)
+    assert found == []
+    assert refused == [f"{link}: refused: a symbolic link (to {target}); hooks must be files"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "shown"), [(0o777, "drwxrwxrwx"), (0o1777, "drwxrwxrwt"), (0o775, "drwxrwxr-x")]
+)
+def test_a_hook_directory_others_may_write_is_refused_whole(
+    tmp_path: Path, mode: int, shown: str
+) -> None:
+    write(tmp_path, "routes/01.routes", "ip route replace 192.0.2.0/24 dev lan0\n")
+    write(tmp_path, "post-run/01.ok", "true\n")
+    (tmp_path / "routes").chmod(mode)
+    found, refused = hooks.hook_files(tmp_path)
+    assert [f"{stage}/{path.name}" for stage, path in found] == ["post-run/01.ok"]
+    assert refused == [
+        f"{tmp_path / 'routes'}: refused: directory writable by group or others (mode {shown}); "
+        "its hooks are not used"
+    ]
+
+
+def test_a_configuration_directory_others_may_write_refuses_every_hook(tmp_path: Path) -> None:
+    root = tmp_path / "etc"
+    write(root, "pre-run/01.ok", "true\n")
+    write(root, "firewall/01.ok", "add table inet x\n")
+    root.chmod(0o757)
+    found, refused = hooks.hook_files(root)
+    assert found == []
+    reason = (
+        f"{root}: refused: directory writable by group or others (mode drwxr-xrwx); "
+        "its hooks are not used"
+    )
+    assert refused == [reason, reason]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_hook_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, "firewall/01.rules", "add table inet x\n")
+    os.chown(tmp_path / "firewall", 65534, 65534)
+    assert hooks.hook_files(tmp_path) == (
+        [],
+        [
+            f"{tmp_path / 'firewall'}: refused: directory owned by uid 65534, not root; "
+            "its hooks are not used"
+        ],
+    )
+
+
+def test_refusals_are_logged_once_not_at_every_apply(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = write(tmp_path, "routes/01.open", "true\n", mode=0o666)
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks"):
+        for _ in range(3):
+            hooks.hook_files(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{bad}: refused: writable by group or others (mode -rw-rw-rw-)"
+    ]
 
 
 def test_plain_lines_become_nft_lines_or_commands(config: Config, tmp_path: Path) -> None:
