@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
 
-from . import __version__, conntrack, const, instance
+from . import __version__, conntrack, const, hooks, instance
 from .backends import BACKEND_NAMES, get_backend
 from .daemon import Daemon, load_config, plan_with, prepare
 from .datapath import Datapath
@@ -95,15 +95,26 @@ async def _once(args: argparse.Namespace) -> int:
     refused: dict[str, str] = {}
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
+        outcomes: list[hooks.CommandOutcome] = []
+
+        async def pre_run() -> None:
+            outcomes.extend(await hooks.run_commands(prepared.hooks.commands, {"pre-run"}))
+
         while True:  # each refusal takes at least one link out: bounded by the links
             try:
-                report = await datapath.apply(ipr, prepared.plan, prepared.hooks)
+                report = await datapath.apply(ipr, prepared.plan, pre_run=pre_run)
                 break
             except LinkRoutesError as exc:
                 for name, why in exc.failed.items():
                     log.error("link %s: routes refused, applied as down: %s", name, why)
                 refused |= exc.failed
-                prepared = plan_with(config, prepared.facts, prepared.up - set(exc.failed))
+                prepared = await plan_with(config, prepared.facts, prepared.up - set(exc.failed))
+        if report.rebuilt:  # a one-shot may wait for them: each is time-boxed all the same
+            after = await hooks.run_commands(prepared.hooks.commands, {"routes", "post-run"})
+            outcomes.extend(after)
+    failed = [outcome for outcome in outcomes if outcome.problem is not None]
+    for outcome in failed:
+        log.error("%s", outcome.problem)
     # Like the daemon on a down transition: connections tracked with a down link's mark would
     # keep following it (and a new connection reusing such an entry's ports would too).
     forgotten = True
@@ -118,7 +129,7 @@ async def _once(args: argparse.Namespace) -> int:
                 log.info("link %s is down: forgot %d tracked connections", link.name, count)
     in_use = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
     log.info("applied with links up: %s (%s)", in_use, report.describe())
-    return EXIT_FAILURE if report.failed_commands or refused or not forgotten else 0
+    return EXIT_FAILURE if failed or refused or not forgotten else 0
 
 
 async def _stop(args: argparse.Namespace) -> int:

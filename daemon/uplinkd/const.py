@@ -35,7 +35,22 @@ MAX_EXACT_BUCKETS: Final = 4096
 
 # Hook directories beside the configuration, in the order Net-ISP-Balance ran them.
 HOOK_DIRS: Final = ("pre-run", "routes", "firewall", "post-run")
-HOOK_COMMAND_TIMEOUT_S: Final = 10.0
+# A hook (a .py hook's child process, a command line of pre-run/, routes/, post-run/) still running
+# after this long is killed with its process group: a script calling ip or nft a few hundred times
+# ends well inside it, and a hung one must not hold its result (or a rebuild's pre-run/) longer.
+HOOK_TIMEOUT_S: Final = 10.0
+HOOK_COMMAND_TIMEOUT_S: Final = HOOK_TIMEOUT_S
+# A hook's output kept for the log: enough for an error message; the rest is read and dropped, so
+# a runaway print costs no memory.
+HOOK_OUTPUT_LIMIT: Final = 4096
+# The most a .py hook's child may answer (its recorded B calls as JSON, ~100 bytes each): tens of
+# thousands of calls; more is a runaway loop, refused rather than held in memory.
+HOOK_RESULT_LIMIT: Final = 4 * 1024 * 1024
+# Hook files are a few lines; one larger than this is a mistake and is refused, not read.
+HOOK_FILE_LIMIT: Final = 1024 * 1024
+# The daemon looks at the hook directories (names, sizes, times: stat only) this often, and runs
+# the hooks again when something changed: an edit takes effect within this long.
+HOOK_RESCAN_S: Final = 2.0
 
 DEFAULT_CONFIG_PATH: Final = "/etc/uplinkd/uplinkd.toml"
 

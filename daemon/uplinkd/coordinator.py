@@ -8,8 +8,9 @@ conntrack entries of links that stopped being usable are forgotten, so their cli
 through a live link; flows on live links are never touched.
 
 What it drives lives beside it: the probers (probing.py), the traffic and latency measurements
-(measurements.py), the links' addresses and gateways (facts.py), where transitions are published
-(publishing.py) and the status snapshot (status.py).
+(measurements.py), the links' addresses and gateways (facts.py), the hook files, run beside the
+loop (hookrunner.py), where transitions are published (publishing.py) and the status snapshot
+(status.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
-from . import conntrack, const, hooks, planner, routing, status
+from . import conntrack, const, planner, routing, status
 from .datapath import ApplyReport, Datapath
-from .errors import ApplyError, LinkRoutesError, UplinkdError
+from .errors import ApplyError, HookError, LinkRoutesError, UplinkdError
 from .events import EventHooks
 from .facts import FactFinder
 from .fastest import FastestResponse
+from .hookrunner import HookRunner
 from .link import Link, LinkState, Transition
 from .measured import LinkMeasure
 from .measurements import Measurements
@@ -96,6 +98,8 @@ class Coordinator:
         self._ipr: AsyncIPRoute | None = None
         self._watcher: NetlinkWatcher | None = None
         self.fastest = FastestResponse(datapath.backend, self._spawn, clock=clock)
+        # Hooks run beside the loop; a new result of theirs is applied like any other change.
+        self.hook_runner = HookRunner(self._schedule)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -104,7 +108,9 @@ class Coordinator:
         self._ipr = ipr
         await self._discover()
         self._build_links(self._adopted_up())
+        await self._run_hooks()
         report = await self._apply()
+        self.hook_runner.start()
         self._watcher = NetlinkWatcher([link.device for link in self.config.links], self._on_net)
         self._spawn(self._watcher.run())
         self._spawn(self._ticker())
@@ -115,6 +121,7 @@ class Coordinator:
     async def stop(self) -> None:
         self.probers.stop()
         self.fastest.close()
+        await self.hook_runner.stop()
         tasks = [*self._tasks, *([self._apply_task] if self._apply_task else [])]
         for task in tasks:
             task.cancel()
@@ -132,9 +139,11 @@ class Coordinator:
             await self._discover()
             kept = {name: link for name, link in self.links.items() if name in self._names()}
             self._build_links(usable, keep=kept)
+            await self._run_hooks()
             report = await self._apply()
         except UplinkdError:
             self.config, self.links, self.facts, self.presumed_up = old
+            self.hook_runner.want(self.config, list(self.facts.values()), self.usable())
             self.probers.start(self.config, self.facts)
             raise
         if self._watcher is not None:
@@ -306,6 +315,11 @@ class Coordinator:
             self.links[name].retarget(targets, link_config.reliability)
             self.probers.follow(self.config, self.facts, name)
 
+    async def _run_hooks(self) -> None:
+        """Start and reload: the first apply waits for the hooks' result (each hook time-boxed);
+        afterwards they run in the background (hookrunner)."""
+        await self.hook_runner.refresh(self.config, list(self.facts.values()), self.usable())
+
     async def _discover(self) -> None:
         async with self._discover_lock:
             self.facts = await self._fact_finder.find(self.ipr, self.config.links, self._apply_lock)
@@ -453,16 +467,27 @@ class Coordinator:
     async def _apply_plan(self) -> ApplyReport:
         usable = self.usable()
         facts = list(self.facts.values())
-        found = hooks.load(self.config, facts, usable)
-        plan = planner.plan(
-            self.config,
-            facts,
-            usable,
-            found.extras,
-            measures=self.measures(),
-            previous=self.plan.choices if self.plan else None,
-        )
-        report = await self.datapath.apply(self.ipr, plan, found)
+        # The hooks' last result goes in now; if what they see changed, they run again in the
+        # background and a different result is applied then. The loop never waits for them.
+        self.hook_runner.want(self.config, facts, usable)
+        while True:  # each refused hook file leaves the hooks' result: bounded by the files
+            plan = planner.plan(
+                self.config,
+                facts,
+                usable,
+                self.hook_runner.state.extras,
+                measures=self.measures(),
+                previous=self.plan.choices if self.plan else None,
+            )
+            try:
+                report = await self.datapath.apply(self.ipr, plan, pre_run=self.hook_runner.pre_run)
+            except HookError as exc:
+                if self.hook_runner.refuse_nft(exc):
+                    continue  # the plan without that file's lines, at once
+                raise
+            break
+        if report.rebuilt:
+            self.hook_runner.after_apply()
         self.applies += 1
         self.plan = plan
         self.fastest.on_apply(plan, report.netfilter)
@@ -489,6 +514,7 @@ class Coordinator:
             plan=self.plan,
             generation=self.generation,
             clock=self.clock,
+            hook_problems=self.hook_runner.problems,
         )
 
     def dry_run(self) -> str:

@@ -129,17 +129,26 @@ def link_row(link: dict[str, Any], now: float, *, hop: bool = False) -> list[str
     ]
 
 
+def hook_problem_lines(manager: dict[str, Any]) -> str:
+    """The hook failures in force (the manager's HookProblems, when the daemon reports them):
+    one line each, naming the hook file and line."""
+    problems = [str(problem) for problem in manager.get("HookProblems", ())]
+    return "".join(f"hook problem: {problem}\n" for problem in problems)
+
+
 def status_table(status: Status, now: float) -> str:
-    """The header line, then one row per link in the daemon's (configuration) order."""
+    """The header line, then one row per link in the daemon's (configuration) order, then the
+    hook problems, if any."""
     manager, links = status
     if not links:
-        return f"{status_header(manager)}\n(no links)\n"
+        return f"{status_header(manager)}\n(no links)\n" + hook_problem_lines(manager)
     hop = any(float(link.get("HopLatencyMs", -1)) >= 0 for link in links)
     columns = list(TABLE_COLUMNS)
     if hop:
         columns.insert(columns.index("LATENCY") + 1, HOP_COLUMN)
     rows = [link_row(link, now, hop=hop) for link in links]
-    return status_header(manager) + "\n" + table(columns, rows, RIGHT_ALIGNED)
+    body = table(columns, rows, RIGHT_ALIGNED)
+    return status_header(manager) + "\n" + body + hook_problem_lines(manager)
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[str]) -> str:

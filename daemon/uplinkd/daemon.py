@@ -125,14 +125,15 @@ async def prepare(
     await warn_unresolved(config)
     named = service_names(config, services)
     up = named or [link.name for link in config.links]
-    return plan_with(config, facts, up, dry_run=dry_run)
+    return await plan_with(config, facts, up, dry_run=dry_run)
 
 
-def plan_with(
+async def plan_with(
     config: Config, facts: Sequence[LinkFacts], up: Collection[str], *, dry_run: bool = False
 ) -> Prepared:
-    """The plan (and the hooks' part of it) for these facts with exactly `up` up."""
-    found = hooks.load(config, facts, up, dry_run=dry_run)  # a dry run runs no .py hook
+    """The plan (and the hooks' part of it) for these facts with exactly `up` up. The .py hooks
+    run in their child processes, time-boxed; the first that fails is raised (HookError)."""
+    found = await hooks.load(config, facts, up, dry_run=dry_run)  # a dry run runs no .py hook
     plan = planner.plan(config, facts, up, found.extras)
     return Prepared(config, tuple(facts), frozenset(up), found, plan)
 

@@ -1,4 +1,4 @@
-"""Bring the kernel to a Plan (sysctls, policy routing, netfilter, hook commands) and take it away.
+"""Bring the kernel to a Plan (sysctls, policy routing, netfilter) and take it away.
 
 Order matters for "nothing half-applied": the netfilter transaction is checked by the kernel first
 (a refused ruleset or hook line stops everything before any change), then routes and rules go in
@@ -9,11 +9,15 @@ reachable) costs only its own link: the others' routes go in all the same. If th
 traffic to such a link, the ruleset is not switched to it (LinkRoutesError names the links, and
 the caller plans again without them); if the link is already out of use, the apply goes on and the
 report names the device, so the caller keeps retrying it on its own.
+
+Hook command lines are the caller's: `pre_run` is awaited before a rebuild (the ruleset's
+structure changes), and the report says whether there was one (routes/ and post-run/ follow it).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +26,6 @@ from pyroute2 import AsyncIPRoute
 from . import routing
 from .backends import ApplyKind, Backend
 from .errors import LinkRoutesError
-from .hooks import Hooks, run_commands
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ class ApplyReport:
     netfilter: ApplyKind
     routing: routing.RoutingChanges
     sysctls: tuple[str, ...]
-    failed_commands: int
+    rebuilt: bool  # the ruleset was built anew: routes/ and post-run/ lines run after it
 
     @property
     def unroutable(self) -> dict[str, str]:
@@ -69,11 +72,17 @@ class Datapath:
                 changed.append(f"{key}={value}")
         return tuple(changed)
 
-    async def apply(self, ipr: AsyncIPRoute, plan: Plan, hooks: Hooks) -> ApplyReport:
+    async def apply(
+        self,
+        ipr: AsyncIPRoute,
+        plan: Plan,
+        *,
+        pre_run: Callable[[], Awaitable[object]] | None = None,
+    ) -> ApplyReport:
         rebuild = self.backend.needs_rebuild(plan)
         self.backend.check(plan)
-        if rebuild:
-            run_commands(hooks.commands, {"pre-run"})
+        if rebuild and pre_run is not None:
+            await pre_run()
         sysctls = self._write_sysctls(plan)
         routes = await routing.sync(ipr, plan)
         refused = {
@@ -87,10 +96,7 @@ class Datapath:
             if device not in {link.device for link in plan.links}:
                 log.warning("device %s: hook routes refused: %s", device, why)
         kind = self.backend.apply(plan)
-        failed = 0
-        if rebuild:
-            failed = run_commands(hooks.commands, {"routes", "firewall", "post-run"})
-        return ApplyReport(kind, routes, sysctls, failed)
+        return ApplyReport(kind, routes, sysctls, rebuilt=rebuild)
 
     def render(self, plan: Plan, part: str = "all") -> str:
         """What applying the plan means, as `nft -f` and `ip -batch` input (part: all, nft, ip)."""

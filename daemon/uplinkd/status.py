@@ -50,6 +50,9 @@ class Snapshot:
     generation: int
     overall: Overall
     links: tuple[LinkStatus, ...]
+    # Hook failures in force (hookrunner), one line each naming the file and line; the plan is
+    # applied without what they would have added (or with their previous result).
+    hook_problems: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -75,6 +78,7 @@ def snapshot(
     plan: Plan | None,
     generation: int,
     clock: Callable[[], float],
+    hook_problems: tuple[str, ...] = (),
 ) -> Snapshot:
     """Everything a status display shows, as of now. `machines` are the links' state machines,
     whose times come from `clock`; `measures` has every configured link."""
@@ -113,6 +117,7 @@ def snapshot(
         generation=generation,
         overall=overall(tuple(links)),
         links=tuple(links),
+        hook_problems=hook_problems,
     )
 
 

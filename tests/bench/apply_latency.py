@@ -88,13 +88,13 @@ async def _measure(path: Path, reps: int, full_reps: int, budget: float) -> dict
     timings: dict[str, list[float]] = {"plan_s": [], "apply_s": [], "rebuild_s": []}
     async with AsyncIPRoute() as ipr:
         facts, _ = await discovery.discover(ipr, config.links)
-        found = hooks.load(config, facts, names)
+        found = await hooks.load(config, facts, names)
 
         async def apply(cfg: object, up: set[str], kind: ApplyKind, key: str | None) -> None:
             begin = time.perf_counter()
             plan = planner.plan(cfg, facts, up, found.extras)  # type: ignore[arg-type]
             planned = time.perf_counter()
-            report = await datapath.apply(ipr, plan, found)
+            report = await datapath.apply(ipr, plan)
             done = time.perf_counter()
             if report.netfilter is not kind:
                 raise RuntimeError(f"expected a {kind} apply, got {report.netfilter}")
