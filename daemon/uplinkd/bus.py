@@ -60,8 +60,6 @@ LINK_PATH_PREFIX: Final = f"{const.BUS_PATH}/link/"
 # Measured values (latency, loss, rates) move with every probe round and counter sample; they are
 # compared with what was last published as often as the counters are sampled.
 PUBLISH_INTERVAL_S: Final = const.RATE_SAMPLE_S
-# Releasing the name at stop is a courtesy (it goes with the connection anyway): never wait long.
-STOP_TIMEOUT_S: Final = 2.0
 
 
 class ErrorName(enum.StrEnum):
@@ -399,39 +397,65 @@ class BusService:
         return self._bus, self._manager
 
     async def start(self, address: str | None = None) -> None:
-        """Connect (to `address`, else the system bus), export the objects, own the name."""
+        """Connect (to `address`, else the system bus), export the objects, own the name.
+
+        Connecting and taking the name each wait at most BUS_START_TIMEOUT_S (a bus that
+        accepts and never answers is a BusError, not a hang); cancelled, it leaves nothing open.
+        """
         where = address or "the system bus"
+        limit = const.BUS_START_TIMEOUT_S
         bus = _Bus(bus_address=address) if address else _Bus(bus_type=BusType.SYSTEM)
         try:
-            await bus.connect()
+            await asyncio.wait_for(bus.connect(), limit)  # dbus-fast closes the socket if cut
+        except TimeoutError as exc:
+            raise BusError(f"cannot connect to {where}: no answer within {limit:g} s") from exc
         except (OSError, DBusFastError) as exc:
             raise BusError(f"cannot connect to {where}: {exc}") from exc
+        try:
+            await self._export_and_own(bus, where)
+        except BaseException:  # refused, timed out or cancelled: the name is not ours
+            self._forget()
+            bus.disconnect()
+            raise
+        self._poller = asyncio.create_task(self._poll())
+
+    async def _export_and_own(self, bus: _Bus, where: str) -> None:
         snapshot = self.controller.snapshot()
         self._bus, self._manager = bus, ManagerInterface(self, snapshot)
         bus.export(const.BUS_PATH, self._manager)
         for status in snapshot.links:
             self._export_link(bus, status)
+        limit = const.BUS_START_TIMEOUT_S
         try:
-            reply = await bus.request_name(const.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+            reply = await asyncio.wait_for(
+                bus.request_name(const.BUS_NAME, NameFlag.DO_NOT_QUEUE), limit
+            )
+        except TimeoutError as exc:
+            raise BusError(
+                f"cannot own {const.BUS_NAME} on {where}: no answer within {limit:g} s"
+            ) from exc
         except DBusError as exc:
-            await self.stop()
             raise BusError(f"cannot own {const.BUS_NAME} on {where}: {exc.text}") from exc
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            await self.stop()
             raise BusError(f"{const.BUS_NAME} is owned by another process (another uplinkd?)")
-        self._poller = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
+        """Release the name (waiting at most BUS_STOP_TIMEOUT_S) and disconnect."""
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        bus = self._forget()
+        if bus is not None and bus.connected:
+            with contextlib.suppress(DBusError, TimeoutError):
+                await asyncio.wait_for(bus.release_name(const.BUS_NAME), const.BUS_STOP_TIMEOUT_S)
+            bus.disconnect()
+
+    def _forget(self) -> "_Bus | None":
+        """Drop the objects and the poller; the bus they were on, if any."""
         bus, self._bus, self._manager, self._poller = self._bus, None, None, None
         self._links.clear()
-        if bus is not None and bus.connected:
-            with contextlib.suppress(DBusError, TimeoutError):  # not owned if start() failed
-                await asyncio.wait_for(bus.release_name(const.BUS_NAME), STOP_TIMEOUT_S)
-            bus.disconnect()
+        return bus
 
     @_hook
     def on_transition(self, transition: Transition) -> None:

@@ -72,8 +72,18 @@ FLAP_HOLD_MAX_S: Final = 300.0
 COALESCE_S: Final = 0.005
 # How often link timers (long_down, flap hold-down) are looked at; well under a probe interval.
 TICK_S: Final = 0.1
-# At stop, event hooks and mail still in flight get this long before they are abandoned.
-SHUTDOWN_DRAIN_S: Final = 5.0
+# SIGTERM to exit, whatever mail, event hooks or the bus are doing: far inside systemd's stop
+# timeout (90 s by default) and short enough that a restart is not noticed. The three below add
+# up to less than this, and nothing else at stop waits on anything outside the daemon.
+STOP_BOUND_S: Final = 5.0
+# At stop, event hooks and mail still in flight get this long (together, not one after the
+# other) to finish: a mail about the last state change usually goes in well under a second.
+SHUTDOWN_DRAIN_S: Final = 3.0
+# What is still running after that is cut (a hook's or sendmail's process group killed, an SMTP
+# connection shut), then waited for this long: a killed process is reaped in milliseconds.
+SHUTDOWN_CUT_S: Final = 0.5
+# Releasing the bus name at stop is a courtesy (the name goes with the connection): never longer.
+BUS_STOP_TIMEOUT_S: Final = 1.0
 # An event hook (up.d/, down.d/, long_down.d/) that runs longer is killed; foolsm had none.
 EVENT_HOOK_TIMEOUT_S: Final = 10.0
 # Interface counters are read this often for the links' traffic rates.
@@ -82,6 +92,10 @@ RATE_SAMPLE_S: Final = 1.0
 # D-Bus: the versioned name, so an incompatible API can live beside this one as Uplinkd2.
 BUS_NAME: Final = "org.uplinkd.Uplinkd1"
 BUS_PATH: Final = "/org/uplinkd/Uplinkd1"
+# Connecting to the bus (with its authentication and Hello) and taking the name each take
+# milliseconds, even on a busy bus at boot; a bus that has not answered in this long is broken,
+# and the daemon runs without it (its links are monitored and failed over from the start).
+BUS_START_TIMEOUT_S: Final = 10.0
 # A failed apply (a device or address changing underneath) is tried again this often.
 APPLY_RETRY_S: Final = 1.0
 

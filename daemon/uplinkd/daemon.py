@@ -8,11 +8,13 @@ monitoring decide, and a command line naming links keeps the others administrati
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
@@ -205,17 +207,54 @@ class Daemon:
         self.coordinator.plan_listeners.append(bus.on_plan_applied)
         log.info("on the system bus as %s", const.BUS_NAME)
 
+    def _on_stop_signal(self, name: str) -> None:
+        if not self._stop.is_set():
+            log.info("%s: stopping", name)
+        self._stop.set()
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run work to its end, or until SIGTERM/SIGINT cuts it (False: it was cancelled).
+
+        For start-up steps that wait on something outside (a LAN device, the bus) and may be
+        given up safely; the first apply is not one of them."""
+        if self._stop.is_set():
+            work.close()
+            return False
+        task = asyncio.ensure_future(work)
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()  # its error, if any
+        return True
+
     async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop within const.STOP_BOUND_S.
+
+        The signal handlers come first, so a stop during start-up is seen at once: waiting for
+        a LAN device or for a bus that does not answer is cut; the first apply is completed.
+        """
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         async with AsyncIPRoute() as ipr:
-            await check_lans(ipr, self.coordinator.config, LAN_WAIT_S)
+            lans = check_lans(ipr, self.coordinator.config, LAN_WAIT_S)
+            if not await self._unless_stopped(lans):
+                log.info("stopped before the first apply; nothing changed")
+                return
             await self.coordinator.start(ipr)
-            await self._start_bus()
-            links = len(self.coordinator.config.links)
-            log.info("running with %d link(s); SIGHUP reloads, SIGTERM stops", links)
+            if not await self._unless_stopped(self._start_bus()):
+                log.info("D-Bus: connecting cut short by the stop")
+            if not self._stop.is_set():
+                links = len(self.coordinator.config.links)
+                log.info("running with %d link(s); SIGHUP reloads, SIGTERM stops", links)
             while not self._stop.is_set():
                 reload_wait = asyncio.create_task(self._reload.wait())
                 stop_wait = asyncio.create_task(self._stop.wait())
@@ -229,11 +268,15 @@ class Daemon:
                         await self.reload()
                     except UplinkdError as exc:
                         log.error("reload refused, keeping the running configuration: %s", exc)
+            # Each step is bounded: the bus by BUS_STOP_TIMEOUT_S, hooks and mail by
+            # SHUTDOWN_DRAIN_S + SHUTDOWN_CUT_S; together less than STOP_BOUND_S.
+            stopping = loop.time()
             if self.bus is not None:
                 await self.bus.stop()
             await self.coordinator.stop()
             if self.coordinator.config.stop_removes_datapath:
                 await self.datapath.remove(ipr)
-                log.info("stopped; datapath removed (stop_removes_datapath)")
+                outcome = "datapath removed (stop_removes_datapath)"
             else:
-                log.info("stopped; datapath left in place, traffic keeps flowing")
+                outcome = "datapath left in place, traffic keeps flowing"
+            log.info("stopped in %.1f s; %s", loop.time() - stopping, outcome)

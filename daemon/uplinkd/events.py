@@ -12,7 +12,8 @@ default_script):
 with avg_rtt in microseconds and timestamp in seconds since the epoch (for long_down: when the
 link went down, as foolsm passed it), plus UPLINKD_* environment variables. A hook runs with
 stdin closed, its output goes to the log, and it is killed at the timeout: hooks run beside the
-daemon's loop and never hold it up.
+daemon's loop and never hold it up. At stop, hooks still running after a short grace are killed
+(const.SHUTDOWN_DRAIN_S) and those not started yet are not run; the log says which.
 """
 
 from __future__ import annotations
@@ -171,22 +172,32 @@ def hook_environment(event: LinkEvent) -> dict[str, str]:
 
 
 class Background:
-    """Tasks beside the daemon's loop: kept referenced, their errors logged, drained at stop."""
+    """Tasks beside the daemon's loop: kept referenced, their errors logged, cut at stop."""
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def start(self, key: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run work after the earlier work of the same key (a link: its events stay in order)."""
-        task = asyncio.get_running_loop().create_task(self._in_turn(key, work))
+    def start(self, key: str, work: Coroutine[Any, Any, None], unstarted: str) -> None:
+        """Run work after the earlier work of the same key (a link: its events stay in order).
+
+        `unstarted` is logged if the daemon stops before the work's turn came; work cut while
+        it runs says itself what was lost.
+        """
+        task = asyncio.get_running_loop().create_task(self._in_turn(key, work, unstarted))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
-    async def _in_turn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+    async def _in_turn(self, key: str, work: Coroutine[Any, Any, None], unstarted: str) -> None:
+        started = False
         try:
             async with self._locks.setdefault(key, asyncio.Lock()):
+                started = True
                 await work
+        except asyncio.CancelledError:
+            if not started:
+                log.warning("%s", unstarted)
+            raise
         finally:
             work.close()  # work cancelled before its turn never started; closing it says so
 
@@ -196,14 +207,20 @@ class Background:
             log.error("background task failed: %s", error, exc_info=error)
 
     async def drain(self, timeout: float) -> bool:
-        """Wait for the running work; cancel what is left after timeout. True: all finished."""
+        """Wait for the running work; cut what is left after timeout. True: all finished.
+
+        Cut work (cancelled: it kills its processes, shuts its connections) gets
+        SHUTDOWN_CUT_S to end; the daemon does not wait longer for anything that ignores it.
+        """
         if not self._tasks:
             return True
         _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            _, stuck = await asyncio.wait(pending, timeout=const.SHUTDOWN_CUT_S)
+            if stuck:
+                log.error("%d background task(s) did not end when cut; not waiting", len(stuck))
         return not pending
 
 
@@ -218,7 +235,13 @@ class EventHooks:
         """Run the hooks of the event's new state in the background; returns at once."""
         directory = EVENT_DIRS.get(event.new)
         if directory is not None:
-            self._background.start(event.link, self._run_all(self.root / directory, event))
+            unstarted = (
+                f"{directory} hooks for link {event.link} {event.old} -> {event.new} not run: "
+                "stopping"
+            )
+            self._background.start(
+                event.link, self._run_all(self.root / directory, event), unstarted
+            )
 
     async def drain(self, timeout: float) -> bool:
         return await self._background.drain(timeout)
@@ -265,8 +288,8 @@ class EventHooks:
             log.error("%s: killed after %g s", what, self.timeout_s)
             return
         except asyncio.CancelledError:
+            log.warning("%s: killed at shutdown", what)  # said first: the stop may not wait long
             await kill_group(process)
-            log.warning("%s: killed at shutdown", what)
             raise
         shown = f": {output}" if output else ""
         if process.returncode == 0:

@@ -3,14 +3,16 @@
 notify() decides at once whether a change may be mailed: at most [mail] max_per_hour mails per
 link in any hour; the changes over that are counted and listed in the next mail that may go. The
 mail is sent in the background, in each link's order: over SMTP when smtp_server is set (smtplib
-in a worker thread, each connect, read and write limited to timeout_s), else through the local
+in a thread of its own, each connect, read and write limited to timeout_s), else through the local
 sendmail (`-t -oi`). A dead or slow mail server costs one log line per mail and never holds up
-the daemon's loop.
+the daemon's loop, nor its stop: a send still running when the daemon stops is cut (its SMTP
+connection shut, sendmail's process group killed) and logged as not sent, never waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import os
@@ -18,6 +20,7 @@ import re
 import smtplib
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Final
 
 from .errors import UplinkdError
-from .events import Background, LinkEvent
+from .events import Background, LinkEvent, kill_group
 from .model import MailSettings
 from .validate import SMTPS_PORT, At, parse_smtp_server
 
@@ -40,6 +43,100 @@ MAX_LISTED: Final = 20  # rate-limited changes listed one by one in the next mai
 
 class MailError(UplinkdError):
     """A mail that could not be handed over; the message says why."""
+
+
+class _Connections:
+    """The sockets one SMTP send opens, which the loop can shut while a thread is blocked on them.
+
+    Each socket is kept as a duplicate: shutting it down ends the connection (a thread blocked
+    in connect, recv or send returns at once with an error) even after smtplib wrapped the
+    original in TLS. Once cut, no new connection is opened.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: list[socket.socket] = []
+        self._cut = False
+
+    def connect(self, host: str, port: int, timeout: float | None) -> socket.socket:
+        """socket.create_connection, each socket watched before it connects."""
+        error: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM
+        ):
+            sock = socket.socket(family, kind, proto)
+            try:
+                self._watch(sock)
+                sock.settimeout(timeout)
+                sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise error or OSError(f"{host} has no address")
+
+    def _watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._cut:
+                raise MailError("stopping")
+            self._kept.append(sock.dup())
+
+    def cut(self) -> None:
+        """End every connection (safe from any thread, also after the send ended)."""
+        with self._lock:
+            self._cut = True
+            kept, self._kept = self._kept, []
+        for sock in kept:
+            with contextlib.suppress(OSError):  # not connected (yet, or any more)
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+# The connections of the send the current thread runs (each send has a thread of its own).
+_this_send = threading.local()
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib's client whose sockets the loop can shut (see _Connections)."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        connections: _Connections = _this_send.connections
+        return connections.connect(host, port, timeout)  # uplinkd sets no source_address
+
+
+class _SMTPS(smtplib.SMTP_SSL, _SMTP):
+    """Implicit TLS over _SMTP's socket: SMTP_SSL wraps what _SMTP._get_socket connected."""
+
+
+async def _in_own_thread(work: Callable[[], None]) -> None:
+    """Run work in a daemon thread: unlike asyncio.to_thread's, the process does not wait for it
+    at exit, so a blocked call (a name lookup) cannot hold up the stop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # cancelled: nobody waits for the outcome any more
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon has stopped
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="uplinkd-mail", daemon=True).start()
+    await done
 
 
 @dataclass
@@ -108,7 +205,8 @@ class Mailer:
         except (ValueError, TypeError) as error:  # e.g. an address the email package refuses
             log.error("link %s: no mail to %s: %s", event.link, ", ".join(to), error)
             return
-        self._background.start(event.link, self._send(message, event))
+        what = f"link {event.link}: mail about {event.old} -> {event.new} to {message['To']}"
+        self._background.start(event.link, self._send(message, what), f"{what} not sent: stopping")
 
     async def drain(self, timeout: float) -> bool:
         return await self._background.drain(timeout)
@@ -164,8 +262,7 @@ class Mailer:
         lines += ["", "-- ", f"uplinkd on {self.hostname}"]
         return "\n".join(lines) + "\n"
 
-    async def _send(self, message: EmailMessage, event: LinkEvent) -> None:
-        what = f"link {event.link}: mail about {event.old} -> {event.new} to {message['To']}"
+    async def _send(self, message: EmailMessage, what: str) -> None:
         if self._server is not None:
             via = f"SMTP server {self.settings.smtp_server}"
         elif os.access(self.sendmail, os.X_OK):
@@ -175,22 +272,38 @@ class Mailer:
             return
         try:
             if self._server is not None:
-                await asyncio.to_thread(self._send_smtp, message, *self._server)
+                await self._send_smtp_cuttable(message, *self._server)
             else:
                 await self._send_sendmail(message)
         except (OSError, smtplib.SMTPException, MailError) as error:
             log.error("%s not sent: %s: %s", what, via, self._reason(error))
             return
+        except asyncio.CancelledError:
+            log.warning("%s not sent: stopping (%s had not taken it)", what, via)
+            raise
         log.info("%s sent through %s", what, via)
 
+    async def _send_smtp_cuttable(self, message: EmailMessage, host: str, port: int) -> None:
+        """_send_smtp in a thread; cancelled, it shuts the connection and returns at once."""
+        connections = _Connections()
+
+        def send() -> None:
+            _this_send.connections = connections
+            self._send_smtp(message, host, port)
+
+        try:
+            await _in_own_thread(send)
+        finally:
+            connections.cut()  # after a send that ended, this only closes the duplicates
+
     def _send_smtp(self, message: EmailMessage, host: str, port: int) -> None:
-        """Runs in a worker thread: smtplib blocks, at most timeout_s per step."""
+        """Runs in its own thread: smtplib blocks, at most timeout_s per step."""
         settings = self.settings
         context = ssl.create_default_context()
         smtp = (
-            smtplib.SMTP_SSL(host, port, self.hostname, timeout=settings.timeout_s, context=context)
+            _SMTPS(host, port, self.hostname, timeout=settings.timeout_s, context=context)
             if port == SMTPS_PORT
-            else smtplib.SMTP(host, port, self.hostname, timeout=settings.timeout_s)
+            else _SMTP(host, port, self.hostname, timeout=settings.timeout_s)
         )
         with smtp:
             if settings.starttls:
@@ -213,9 +326,11 @@ class Mailer:
         try:
             output, _ = await asyncio.wait_for(process.communicate(message.as_bytes()), timeout)
         except TimeoutError:
-            process.kill()
-            await process.wait()
+            await kill_group(process)  # what sendmail started (an MTA's queue runner) too
             raise MailError(f"no result within {timeout:g} s; killed") from None
+        except asyncio.CancelledError:
+            await kill_group(process)
+            raise
         if process.returncode != 0:
             text = output.decode(errors="replace").strip()[:500]
             raise MailError(f"exit {process.returncode}" + (f": {text}" if text else ""))

@@ -3,6 +3,7 @@ event hooks and email; the last two get the link as it was at the transition."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from . import const
@@ -45,8 +46,9 @@ class Publisher:
         if self.mailer is not None:
             self.mailer.notify(event)
 
-    async def drain(self) -> None:
-        """Give the hooks and mail still running SHUTDOWN_DRAIN_S each to finish."""
-        for sink in (self.events, self.mailer):
-            if sink is not None:
-                await sink.drain(const.SHUTDOWN_DRAIN_S)
+    async def drain(self, timeout: float = const.SHUTDOWN_DRAIN_S) -> None:
+        """At stop: give the hooks and mail still running `timeout` (together) to finish, then
+        cut them (events.Background.drain); the stop never waits longer than
+        timeout + SHUTDOWN_CUT_S on them."""
+        sinks = [sink for sink in (self.events, self.mailer) if sink is not None]
+        await asyncio.gather(*(sink.drain(timeout) for sink in sinks))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import logging
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -295,3 +299,103 @@ def test_no_mail_without_warn_email_or_for_a_link_found_up(tmp_path: Path) -> No
 
     asyncio.run(main())
     assert not (tmp_path / "mails").exists()
+
+
+def mail_threads_gone(timeout: float) -> bool:
+    """No send thread left after `timeout` s: a cut send ends, it is not left blocked."""
+    deadline = time.monotonic() + timeout
+    while any(t.name == "uplinkd-mail" for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_stop_cuts_a_mail_the_server_never_answers_and_names_what_was_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog does) and says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        mailer = Mailer(MailSettings(smtp_server=f"127.0.0.1:{port}", timeout_s=30))
+
+        async def main() -> bool:
+            mailer.notify(event())
+            mailer.notify(event(DOWN, UP, reason="back"))  # waits for the first: same link
+            await asyncio.sleep(0.3)
+            return await mailer.drain(0.2)
+
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="uplinkd"):
+            assert asyncio.run(main()) is False
+        took = time.monotonic() - started  # asyncio.run's exit included: nothing joins the send
+        assert mail_threads_gone(2.0)
+        connection, _ = silent.accept()
+        with connection:
+            connection.settimeout(2.0)
+            assert connection.recv(100) == b""  # the daemon's end was shut, not left open
+    assert took < 5.0, f"stopping took {took:.1f} s"
+    lost = sorted(r.getMessage() for r in caplog.records if "stopping" in r.getMessage())
+    assert lost == [
+        "link DSL: mail about down -> up to root@localhost not sent: stopping",  # not started
+        "link DSL: mail about up -> down to root@localhost not sent: stopping "
+        f"(SMTP server 127.0.0.1:{port} had not taken it)",
+    ]
+
+
+def test_stop_cuts_a_mail_still_connecting() -> None:
+    with socket.socket() as full, socket.socket() as queued:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # one connection fills the queue; later connects wait for a SYN answer
+        queued.connect(full.getsockname())
+        port = full.getsockname()[1]
+        mailer = Mailer(MailSettings(smtp_server=f"127.0.0.1:{port}", timeout_s=30))
+
+        async def main() -> bool:
+            mailer.notify(event())
+            await asyncio.sleep(0.3)
+            return await mailer.drain(0.1)
+
+        started = time.monotonic()
+        assert asyncio.run(main()) is False
+        took = time.monotonic() - started  # asyncio.run's exit included: nothing joins the send
+        assert mail_threads_gone(2.0)
+    assert took < 5.0, f"stopping took {took:.1f} s"
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"  # killed, not reaped yet by its parent
+
+
+def test_stop_kills_a_sendmail_that_hangs_with_what_it_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pids = tmp_path / "pids"
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text(f"#!/bin/sh\nsleep 60 &\necho $$ $! > {pids}\ncat > /dev/null\nwait\n")
+    sendmail.chmod(0o755)
+    mailer = Mailer(MailSettings(timeout_s=30), sendmail=sendmail)
+
+    async def main() -> bool:
+        mailer.notify(event())
+        await asyncio.sleep(0.5)
+        return await mailer.drain(0.2)
+
+    with caplog.at_level(logging.WARNING, logger="uplinkd.notify"):
+        assert asyncio.run(main()) is False
+    started = [int(pid) for pid in pids.read_text().split()]
+    try:
+        deadline = time.monotonic() + 2.0
+        while not all(process_gone(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(process_gone(pid) for pid in started), "sendmail or its child still runs"
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert f"not sent: stopping ({sendmail} had not taken it)" in caplog.text
