@@ -364,14 +364,17 @@ async def run_python(
     something the Balancer refuses."""
     snapshot = Balancer(config, facts, up).snapshot()
     request = {"path": hook.path, "source": hook.source, "snapshot": snapshot}
-    finished = await subproc.run_bounded(
-        [sys.executable, "-m", "uplinkd.hookchild", hook.path],
-        timeout=const.HOOK_TIMEOUT_S,
-        output_limit=const.HOOK_OUTPUT_LIMIT,
-        stdout_limit=const.HOOK_RESULT_LIMIT,
-        stdin=json.dumps(request).encode(),
-        env=_child_environment(hook.path),
-    )
+    try:
+        finished = await subproc.run_bounded(
+            [sys.executable, "-m", "uplinkd.hookchild", hook.path],
+            timeout=const.HOOK_TIMEOUT_S,
+            output_limit=const.HOOK_OUTPUT_LIMIT,
+            stdout_limit=const.HOOK_RESULT_LIMIT,
+            stdin=json.dumps(request).encode(),
+            env=_child_environment(hook.path),
+        )
+    except OSError as failure:  # no process could be started (EMFILE, EAGAIN, ...)
+        raise HookError(hook.path, f"cannot start its child process: {failure}") from None
     printed = f" (output: {finished.output})" if finished.output else ""
     if finished.timed_out:
         limit = const.HOOK_TIMEOUT_S

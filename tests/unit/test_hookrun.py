@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 from uplinkd import const, ctl, hooks, subproc
+from uplinkd.backends.fake import FakeBackend
+from uplinkd.coordinator import Coordinator
+from uplinkd.datapath import Datapath
 from uplinkd.errors import HookError
 from uplinkd.hookrunner import HookRunner
 from uplinkd.model import Config, LanConfig, LinkConfig
 from uplinkd.plan import HookLine, LinkFacts
+from uplinkd.status import Snapshot
 
 FACTS = [
     LinkFacts(
@@ -419,3 +423,16 @@ def test_uplinkctl_status_lists_hook_problems() -> None:
     manager["HookProblems"] = ["/etc/uplinkd/post-run/10.x.py:2: syntax error: invalid syntax"]
     text = ctl.status_table((manager, []), time.time())
     assert "hook problem: /etc/uplinkd/post-run/10.x.py:2: syntax error" in text
+
+
+def test_the_status_snapshot_lists_hook_problems(config: Config, tmp_path: Path) -> None:
+    broken = write(tmp_path, "post-run/10.broken.py", "x = 1\nB.forward(80, 'not-an-ip')\n")
+
+    async def scenario() -> Snapshot:
+        coordinator = Coordinator(config, Datapath(FakeBackend()))
+        coordinator._build_links(set())
+        await coordinator.hook_runner.refresh(config, FACTS, {"DSL"})
+        return coordinator.snapshot()
+
+    (problem,) = asyncio.run(scenario()).hook_problems
+    assert problem.startswith(f"{broken}:2: ValueError: forward() host")
