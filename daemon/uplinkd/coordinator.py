@@ -139,7 +139,8 @@ class Coordinator:
             await self._discover()
             kept = {name: link for name, link in self.links.items() if name in self._names()}
             self._build_links(usable, keep=kept)
-            await self._run_hooks()
+            # Applied with the hooks' last result; they run again beside the loop.
+            self.hook_runner.reload(self.config, list(self.facts.values()), self.usable())
             report = await self._apply()
         except UplinkdError:
             self.config, self.links, self.facts, self.presumed_up = old
@@ -316,8 +317,8 @@ class Coordinator:
             self.probers.follow(self.config, self.facts, name)
 
     async def _run_hooks(self) -> None:
-        """Start and reload: the first apply waits for the hooks' result (each hook time-boxed);
-        afterwards they run in the background (hookrunner)."""
+        """Start: the first apply waits for the hooks' result (each hook time-boxed), so that an
+        adopted datapath keeps their part; afterwards they run in the background (hookrunner)."""
         await self.hook_runner.refresh(self.config, list(self.facts.values()), self.usable())
 
     async def _discover(self) -> None:

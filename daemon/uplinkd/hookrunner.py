@@ -6,15 +6,15 @@
   links in use, the links' addresses and gateways, the configuration, or the hook files
   themselves (the directories are looked at with stat every HOOK_RESCAN_S). A result that
   differs from the one in force schedules an apply.
-- At start and on reload, the first apply waits for one run (each hook bounded by its time
-  limit), so that a restarted daemon does not take the hooks' part out of the kernel and put it
-  back a moment later.
+- At start, the first apply waits for one run (each hook bounded by its time limit), so that a
+  restarted daemon does not take the hooks' part out of the kernel and put it back a moment
+  later. A reload does not wait: it applies with the last result and runs the hooks again.
 - A .py hook that fails (syntax error, exception, a call the Balancer refuses, its time limit, its
   child process dying) keeps its previous good result, if it had one, else adds nothing. A
   refused file (owner, mode, link, size) adds nothing. Either is logged once per distinct failure
   with the file (and line), and listed in the status (`problems`) until it works again.
 - firewall/ lines (and B.nft lines) that the kernel refuses: the apply is made again at once
-  without that file's lines, which stay out until the file (or the configuration) changes.
+  without that file's lines, which stay out until the file changes or a reload.
 - Command lines: routes/ and post-run/ run after an apply that rebuilt the ruleset, in the
   background (in order, one run at a time, a newer run replacing one that has not started);
   pre-run/ lines run before a rebuild, and that apply waits for them (never the loop; a failover
@@ -152,11 +152,16 @@ class HookRunner:
     async def refresh(
         self, config: Config, facts: Sequence[LinkFacts], up: Collection[str]
     ) -> None:
-        """Run the hooks now for these inputs, unless the result in force is theirs (start and
-        reload; firewall lines refused earlier are tried again)."""
-        self._nft_refused.clear()
+        """Run the hooks now for these inputs, unless the result in force is theirs (start)."""
         self.want(config, facts, up)
         await self._run_if_changed()
+
+    def reload(self, config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> None:
+        """A reload: run the hooks again in the background, trying refused firewall lines again."""
+        self._nft_refused.clear()
+        self._seen = None
+        self.want(config, facts, up)
+        self._wake.set()
 
     def start(self) -> None:
         self._watch_task = asyncio.create_task(self._watch())

@@ -375,6 +375,11 @@ def test_refused_firewall_lines_are_left_out_until_their_file_changes(
         assert texts == ["add table inet a", "add table inet b"]
         assert runner.runner.problems == ()
 
+        assert runner.runner.refuse_nft(HookError(bad, "refused again", line=1))
+        runner.runner.reload(config, FACTS, {"DSL", "LTE"})  # a reload tries them again
+        await runner.runner._run_if_changed()
+        assert len(runner.runner.state.extras.nft_lines) == 2
+
     asyncio.run(scenario())
 
 
