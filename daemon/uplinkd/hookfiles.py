@@ -168,7 +168,8 @@ def read_text(path: Path) -> str:
 
 class RefusalLog:
     """Logs each refusal once, when it appears, rather than at every apply or event; one fixed
-    and made again is logged again. Keyed by what was checked (a directory)."""
+    and made again is logged again. Keyed by what was checked (a directory): the refusals
+    reported for a key replace those reported for it before."""
 
     def __init__(self, logger: logging.Logger = log) -> None:
         self._log = logger
@@ -176,9 +177,11 @@ class RefusalLog:
 
     def report(self, key: Hashable, reasons: Iterable[str]) -> None:
         now = list(dict.fromkeys(reasons))
-        before = self._shown.get(key, frozenset())
+        # Shown already, under this key or another (a refused hook root, seen from each of its
+        # directories): not again.
+        shown = {reason for reasons in self._shown.values() for reason in reasons}
         for reason in now:
-            if reason not in before:
+            if reason not in shown:
                 self._log.warning("%s", reason)
         if now:
             self._shown[key] = frozenset(now)

@@ -136,12 +136,14 @@ def test_each_refusal_is_logged_once_and_again_when_it_comes_back(
         refusals.report("up.d", ["a: refused: x", "b: refused: y"])  # the next event: quiet
         refusals.report("up.d", ["b: refused: y"])  # a fixed
         refusals.report("up.d", ["a: refused: x", "b: refused: y"])  # a broken again
-        refusals.report("down.d", ["a: refused: x"])  # another directory keeps its own
+        refusals.report("down.d", ["a: refused: x", "c: refused: z"])  # a: shown for up.d
+        refusals.report("up.d", [])  # up.d fixed: a is still shown for down.d
+        refusals.report("down.d", ["a: refused: x"])
     assert [r.getMessage() for r in caplog.records] == [
         "a: refused: x",
         "b: refused: y",
         "a: refused: x",
-        "a: refused: x",
+        "c: refused: z",
     ]
 
 
