@@ -5,26 +5,28 @@ skipping editor backups (`~`) and `.bak` files. Only root-owned files that group
 cannot write are used. Plain files hold one command per line:
 - in `firewall/`: nftables commands (`nft` prefix optional), applied inside uplinkd's own
   transaction, so a bad line refuses the whole apply and a good one is re-added on every rebuild;
-- elsewhere: shell commands, run after uplinkd's state is in place (`pre-run/`: before).
-`.py` files (the successors of Net-ISP-Balance's `.pl` hooks) run with the balancer object `B`
-(except in a dry run, which changes nothing: they are named in its output instead).
+- elsewhere: shell commands, run after uplinkd's state is in place (`pre-run/`: before), each
+  in its own process group with a time limit and its output cut short (run_commands).
+`.py` files (the successors of Net-ISP-Balance's `.pl` hooks) run with the balancer object `B`,
+each in a child process with a time limit (hookchild; run_python replays what it asked for),
+except in a dry run, which changes nothing: they are named in its output instead. How the
+daemon runs all this beside its event loop is hookrunner's part.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
 import logging
 import os
-import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from . import const, hookfiles
+from . import const, hookfiles, subproc
 from .errors import ConfigError, HookError
 from .model import Config, Match, Method, PortForward, PortRange, Rule
 from .plan import HookLine, LinkFacts, RouteSpec
@@ -78,7 +80,7 @@ _Parsed = TypeVar("_Parsed")
 
 def _parse(parse: Callable[[_Value, At], _Parsed], value: _Value, what: str) -> _Parsed:
     """A hook's argument, read by the configuration's own parser. Its complaint is raised as a
-    ValueError naming the argument; _run_python adds the hook's file and line."""
+    ValueError naming the argument; replay adds the hook's file and line."""
     try:
         return parse(value, At(Path()))
     except ConfigError as error:
@@ -109,7 +111,12 @@ def _networks(value: str | Sequence[str] | None, what: str) -> tuple[ipaddress.I
 
 
 class Balancer:
-    """The object `B` that `.py` hooks receive (Net-ISP-Balance's `$B`)."""
+    """The object `B` that `.py` hooks receive (Net-ISP-Balance's `$B`).
+
+    A hook runs in a child process (hookchild) with a stand-in that answers the queries from
+    snapshot() and records the actions; the actions are replayed here (replay), where their
+    arguments are checked.
+    """
 
     def __init__(self, config: Config, facts: Sequence[LinkFacts], up: Collection[str]) -> None:
         self._config = config
@@ -121,16 +128,22 @@ class Balancer:
         self.forwards: list[PortForward] = []
         self.routes: list[RouteSpec] = []
         self.nft_lines: list[HookLine] = []
-        self.current_file = ""  # the hook file now running, set by _run_python
+        # The hook file and line of the call being replayed (replay sets them).
+        self.current_file = ""
+        self.current_line = 0
 
     def _where(self) -> tuple[str, int]:
         """The hook file and the line in it that called a Balancer method."""
-        frame: FrameType | None = sys._getframe(1)  # the caller of the Balancer method
-        while frame is not None:
-            if frame.f_code.co_filename == self.current_file:
-                return self.current_file, frame.f_lineno
-            frame = frame.f_back
-        return self.current_file, 0
+        return self.current_file, self.current_line
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the queries answer, for the child process that runs a hook (hookchild)."""
+        isp = [
+            [name, self.dev(name), self.ip(name), self.net(name), self.gw(name)]
+            for name in self.isp_services()
+        ]
+        lan = [[name, self.dev(name)] for name in self.lan_services()]
+        return {"isp": isp, "lan": lan, "up": self.up()}
 
     # --- queries ---
     def services(self) -> list[str]:
@@ -246,100 +259,206 @@ class Balancer:
         self.nft_lines.append(HookLine(path, line, command.removeprefix("nft ").strip()))
 
 
-def _run_python(path: Path, balancer: Balancer) -> None:
-    source = path.read_text()
+@dataclass(frozen=True)
+class PythonHook:
+    """A `.py` hook file as read (its text is what the child runs)."""
+
+    stage: str
+    path: str
+    source: str
+
+
+@dataclass
+class HookFiles:
+    """What the hook directories hold now: plain lines, `.py` hooks, refusals."""
+
+    nft_lines: list[HookLine] = field(default_factory=list)
+    commands: list[CommandLine] = field(default_factory=list)
+    python: list[PythonHook] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+def _read_hook(path: Path) -> str:
+    """A hook file's text; HookError (refused) when it is too big or unsafe."""
+    size = path.lstat().st_size
+    if size > const.HOOK_FILE_LIMIT:
+        raise HookError(path, f"refused: {size} bytes, more than {const.HOOK_FILE_LIMIT}")
+    return hookfiles.read_text(path)
+
+
+def read_files(root: Path) -> HookFiles:
+    """Read every hook file under root. Blocking file I/O: the daemon runs it in a thread."""
+    files, refused = hook_files(root)
+    found = HookFiles(refused=list(refused))
+    for stage, path in files:
+        try:
+            text = _read_hook(path)
+        except (HookError, OSError) as error:
+            found.refused.append(str(error))
+            continue
+        if path.suffix == ".py":
+            found.python.append(PythonHook(stage, str(path), text))
+            continue
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if stage == "firewall":
+                found.nft_lines.append(
+                    HookLine(str(path), number, line.removeprefix("nft ").strip())
+                )
+            else:
+                found.commands.append(CommandLine(stage, str(path), number, line))
+    return found
+
+
+# The Balancer methods a hook's recorded calls may name, and nothing else.
+_ACTIONS: dict[str, Callable[..., None]] = {
+    "forward": Balancer.forward,
+    "force_route": Balancer.force_route,
+    "add_route": Balancer.add_route,
+    "nft": Balancer.nft,
+}
+
+
+def replay(path: str, calls: object, balancer: Balancer) -> Extras:
+    """Make a hook's recorded calls on the real Balancer; what they add. A call the Balancer
+    refuses is a HookError naming the hook's file and the line of the call."""
+    if not isinstance(calls, list):
+        raise HookError(path, "malformed answer from its child process: calls is not a list")
+    for call in calls:
+        line = call.get("line", 0) if isinstance(call, dict) else 0
+        line = line if isinstance(line, int) else 0
+        try:
+            action = _ACTIONS[call["method"]]
+            args, kwargs = call["args"], call["kwargs"]
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise TypeError("args or kwargs of the wrong type")  # noqa: TRY301
+        except (KeyError, TypeError) as error:
+            raise HookError(path, f"malformed call from its child process: {error}") from None
+        balancer.current_file, balancer.current_line = path, line
+        try:
+            action(balancer, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever a bad argument raises, named
+            raise HookError(path, f"{type(error).__name__}: {error}", line=line) from None
+    return Extras(
+        rules=tuple(balancer.rules),
+        forwards=tuple(balancer.forwards),
+        routes=tuple(balancer.routes),
+        nft_lines=tuple(balancer.nft_lines),
+    )
+
+
+def _child_environment(path: str) -> dict[str, str]:
+    # The child imports uplinkd.hookchild from where this package is, installed or not.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "UPLINKD_HOOK": path, "PYTHONPATH": python_path}
+
+
+async def run_python(
+    hook: PythonHook, config: Config, facts: Sequence[LinkFacts], up: Collection[str]
+) -> Extras:
+    """Run a .py hook in its child process (time limit, output bounded) and replay what it
+    asked for; HookError names the file (and line) when it failed, timed out or asked for
+    something the Balancer refuses."""
+    snapshot = Balancer(config, facts, up).snapshot()
+    request = {"path": hook.path, "source": hook.source, "snapshot": snapshot}
     try:
-        code = compile(source, str(path), "exec")
-    except SyntaxError as exc:
-        raise HookError(path, f"syntax error: {exc.msg}", line=exc.lineno or 0) from exc
-    balancer.current_file = str(path)
-    try:
-        # Root-owned, not group/other-writable hook files are the admin's own code.
-        exec(code, {"B": balancer, "__file__": str(path), "__name__": "uplinkd_hook"})  # noqa: S102
-    except Exception as exc:
-        line = next(
-            (
-                frame.lineno
-                for frame in reversed(traceback.extract_tb(exc.__traceback__))
-                if frame.filename == str(path)
-            ),
-            0,
+        finished = await subproc.run_bounded(
+            [sys.executable, "-m", "uplinkd.hookchild", hook.path],
+            timeout=const.HOOK_TIMEOUT_S,
+            output_limit=const.HOOK_OUTPUT_LIMIT,
+            stdout_limit=const.HOOK_RESULT_LIMIT,
+            stdin=json.dumps(request).encode(),
+            env=_child_environment(hook.path),
         )
-        raise HookError(path, f"{type(exc).__name__}: {exc}", line=line or 0) from exc
+    except OSError as failure:  # no process could be started (EMFILE, EAGAIN, ...)
+        raise HookError(hook.path, f"cannot start its child process: {failure}") from None
+    printed = f" (output: {finished.output})" if finished.output else ""
+    if finished.timed_out:
+        limit = const.HOOK_TIMEOUT_S
+        raise HookError(hook.path, f"killed after {limit:g} s, its time limit{printed}")
+    if finished.stdout_dropped:
+        raise HookError(hook.path, f"asked for more than {const.HOOK_RESULT_LIMIT} bytes of calls")
+    try:
+        answer = json.loads(finished.stdout)
+    except ValueError:
+        how = f"exit {finished.returncode}" if finished.returncode else "no answer"
+        raise HookError(hook.path, f"its child process failed ({how}){printed}") from None
+    if finished.output:
+        log.info("%s: %s", hook.path, finished.output)
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict):
+        line = error.get("line")
+        raise HookError(
+            hook.path, str(error.get("message")), line=line if isinstance(line, int) else 0
+        )
+    calls = answer.get("calls") if isinstance(answer, dict) else None
+    return replay(hook.path, calls, Balancer(config, facts, up))
 
 
-def load(
+def combine(files: HookFiles, results: Sequence[Extras], *, not_run: Sequence[str] = ()) -> Hooks:
+    """The hooks' part of the plan: plain files' lines first, then the .py hooks' in file order."""
+    extras = Extras(
+        rules=tuple(rule for result in results for rule in result.rules),
+        forwards=tuple(forward for result in results for forward in result.forwards),
+        routes=tuple(route for result in results for route in result.routes),
+        nft_lines=(*files.nft_lines, *(line for result in results for line in result.nft_lines)),
+    )
+    return Hooks(extras, list(files.commands), list(files.refused), list(not_run))
+
+
+async def load(
     config: Config, facts: Sequence[LinkFacts], up: Collection[str], *, dry_run: bool = False
 ) -> Hooks:
-    """Read every hook file; .py hooks run now (they describe state), commands later.
+    """Read every hook file and run the .py hooks (one after another, each in its child
+    process, time-boxed); command lines are run later (run_commands). The first .py hook that
+    fails is raised (HookError): what the one-shot modes do with a bad hook.
 
     A dry run changes nothing, and a .py hook is the admin's code that may change something
     (write a file, run a command) besides describing state: it is listed in `not_run` instead.
     """
-    files, refused = hook_files(config.hook_root)
-    for reason in refused:
-        log.warning("%s", reason)
-    balancer = Balancer(config, facts, up)
-    commands: list[CommandLine] = []
-    nft_lines: list[HookLine] = []
-    not_run: list[str] = []
-    for stage, path in files:
-        if path.suffix == ".py" and dry_run:
-            not_run.append(str(path))
-            continue
-        if path.suffix == ".py":
-            _run_python(path, balancer)
-            continue
-        for number, raw in enumerate(path.read_text().splitlines(), start=1):
-            text = raw.strip()
-            if not text or text.startswith("#"):
-                continue
-            if stage == "firewall":
-                nft_lines.append(HookLine(str(path), number, text.removeprefix("nft ").strip()))
-            else:
-                commands.append(CommandLine(stage, str(path), number, text))
-    extras = Extras(
-        rules=tuple(balancer.rules),
-        forwards=tuple(balancer.forwards),
-        routes=tuple(balancer.routes),
-        nft_lines=(*nft_lines, *balancer.nft_lines),
-    )
-    return Hooks(extras=extras, commands=commands, refused=refused, not_run=not_run)
+    files = await asyncio.to_thread(read_files, config.hook_root)
+    if dry_run:
+        return combine(files, [], not_run=[hook.path for hook in files.python])
+    results = [await run_python(hook, config, facts, up) for hook in files.python]
+    return combine(files, results)
 
 
-def run_commands(commands: Sequence[CommandLine], stages: Collection[str]) -> int:
-    """Run the shell command lines of the given stages; returns how many failed (each is logged)."""
-    failed = 0
-    for command in commands:
-        if command.stage not in stages:
-            continue
-        try:
-            result = subprocess.run(
-                ["/bin/sh", "-c", command.text],
-                capture_output=True,
-                text=True,
-                timeout=const.HOOK_COMMAND_TIMEOUT_S,
-                check=False,
-                env={**os.environ, "UPLINKD_HOOK": command.path},
-            )
-        except subprocess.TimeoutExpired:
-            log.error(
-                "%s:%d: timed out after %.0f s: %s",
-                command.path,
-                command.line,
-                const.HOOK_COMMAND_TIMEOUT_S,
-                command.text,
-            )
-            failed += 1
-            continue
-        if result.returncode != 0:
-            log.error(
-                "%s:%d: exit %d: %s: %s",
-                command.path,
-                command.line,
-                result.returncode,
-                command.text,
-                result.stderr.strip(),
-            )
-            failed += 1
-    return failed
+@dataclass(frozen=True)
+class CommandOutcome:
+    command: CommandLine
+    problem: str | None  # None: it exited 0
+
+
+async def run_command(command: CommandLine) -> CommandOutcome:
+    """Run one shell command line in its own process group, time-boxed, output bounded."""
+    where = f"{command.path}:{command.line}"
+    try:
+        finished = await subproc.run_bounded(
+            ["/bin/sh", "-c", command.text],
+            timeout=const.HOOK_TIMEOUT_S,
+            output_limit=const.HOOK_OUTPUT_LIMIT,
+            env={**os.environ, "UPLINKD_HOOK": command.path},
+        )
+    except OSError as error:
+        return CommandOutcome(command, f"{where}: cannot run: {error.strerror or error}")
+    shown = f": {finished.output}" if finished.output else ""
+    if finished.timed_out:
+        limit = const.HOOK_TIMEOUT_S
+        problem = f"{where}: killed after {limit:g} s, its time limit: {command.text}{shown}"
+        return CommandOutcome(command, problem)
+    if finished.returncode != 0:
+        problem = f"{where}: exit {finished.returncode}: {command.text}{shown}"
+        return CommandOutcome(command, problem)
+    if finished.output:
+        log.info("%s: %s", where, finished.output)
+    return CommandOutcome(command, None)
+
+
+async def run_commands(
+    commands: Sequence[CommandLine], stages: Collection[str]
+) -> list[CommandOutcome]:
+    """Run the shell command lines of the given stages, one after another, in order."""
+    return [await run_command(command) for command in commands if command.stage in stages]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -147,7 +148,7 @@ def test_plain_lines_become_nft_lines_or_commands(config: Config, tmp_path: Path
         "# comment\n\nnft add table inet mine\nadd chain inet mine c\n",
     )
     write(tmp_path, "routes/01.routes", "ip route replace 192.0.2.0/24 dev lan0\n")
-    found = hooks.load(config, FACTS, {"DSL", "LTE"})
+    found = asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}))
     assert [(line.line, line.text) for line in found.extras.nft_lines] == [
         (3, "add table inet mine"),
         (4, "add chain inet mine c"),
@@ -178,7 +179,7 @@ def test_python_hook_uses_the_balancer(config: Config, tmp_path: Path) -> None:
         )
         + "\n",
     )
-    found = hooks.load(config, FACTS, {"LTE"})
+    found = asyncio.run(hooks.load(config, FACTS, {"LTE"}))
     forwards = [(f.port.first, str(f.host), f.host_port, f.proto) for f in found.extras.forwards]
     assert forwards == [
         (80, "192.168.10.35", None, "tcp"),
@@ -219,7 +220,7 @@ def test_python_hook_errors_name_file_and_line(
 ) -> None:
     path = write(tmp_path, "post-run/10.hook.py", source)
     with pytest.raises(HookError) as caught:
-        hooks.load(config, FACTS, {"DSL", "LTE"})
+        asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}))
     assert (caught.value.path, caught.value.line) == (path, line)
     assert str(caught.value).startswith(f"{path}:{line}: ")
     assert fragment in str(caught.value)
@@ -247,12 +248,12 @@ def test_dry_run_runs_no_python_hook_and_names_it(config: Config, tmp_path: Path
         f'open("{marker}", "w").close()\nB.forward(80, "192.168.10.35")\n',
     )
     write(tmp_path, "firewall/01.rules", "add table inet mine\n")
-    found = hooks.load(config, FACTS, {"DSL", "LTE"}, dry_run=True)
+    found = asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}, dry_run=True))
     assert not marker.exists()
     assert found.not_run == [str(hook)]
     assert found.extras.forwards == ()
     # Plain hook files only describe state; a dry run still shows them.
     assert [line.text for line in found.extras.nft_lines] == ["add table inet mine"]
 
-    applied = hooks.load(config, FACTS, {"DSL", "LTE"})
+    applied = asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}))
     assert marker.exists() and applied.not_run == [] and len(applied.extras.forwards) == 1
