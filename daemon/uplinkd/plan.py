@@ -66,6 +66,11 @@ class Dispatch:
     # fastest-response: destinations are raced and the winner kept this many seconds; the
     # buckets are the fallback for a destination not learned yet (None: other methods).
     cache_s: int | None = None
+    # fastest-response: races a second, learned destinations kept at most, and whether
+    # destinations outside the global Internet are raced (model.Rule).
+    races_per_second: int = 0
+    max_learned: int = 0
+    race_private: bool = False
     # The map holding the targets when another rule's (identical in every link state) is used.
     map: str = ""
 

@@ -230,6 +230,9 @@ def _dispatch(  # noqa: PLR0917 (one plan() call's shared state)
         targets,
         seed=hash_seed,
         cache_s=learned,
+        races_per_second=rule.races_per_second if learned is not None else 0,
+        max_learned=rule.max_learned if learned is not None else 0,
+        race_private=rule.race_private and learned is not None,
         map=owner,
     )
 

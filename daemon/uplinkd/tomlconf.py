@@ -208,7 +208,9 @@ class _Table(NamedTuple):
 
 _LINK_KEYS = ("name", "device", "gateway", "weight", "priority", "targets", "reliability")
 _LINK_KEYS_MORE = ("bandwidth_mbps", "nat", "monitor")
-RULE_KEYS = ("name", "match", "method", "by", "links", "saturation_percent", "cache_seconds")
+# fastest-response's own keys (see validate.FASTEST_LIMITS for their bounds).
+_FASTEST_KEYS = ("cache_seconds", "races_per_second", "max_learned", "race_private")
+RULE_KEYS = ("name", "match", "method", "by", "links", "saturation_percent", *_FASTEST_KEYS)
 _FIREWALL_KEYS = ("enabled", "forwarding_groups", "ssh_from_lan", "icmp_rate_per_second")
 
 
@@ -401,11 +403,13 @@ class _TomlReader:
                 "'saturation_percent' applies only to method 'overflow'"
             )
         saturation = self.integer(table, "saturation_percent", const.DEFAULT_SATURATION_PERCENT)
-        if "cache_seconds" in table.data and parsed is not Method.FASTEST_RESPONSE:
-            raise self.at(table, "cache_seconds").error(
-                "'cache_seconds' applies only to method 'fastest-response'"
-            )
+        for key in _FASTEST_KEYS:
+            if key in table.data and parsed is not Method.FASTEST_RESPONSE:
+                raise self.at(table, key).error(
+                    f"'{key}' applies only to method 'fastest-response'"
+                )
         cache = self.integer(table, "cache_seconds", const.DEFAULT_FASTEST_CACHE_S)
+        defaults = Rule(name, parsed)
         match = self.match(self.sub(table, "match"))
         rule = Rule(
             name,
@@ -416,6 +420,9 @@ class _TomlReader:
             self.at(table).line,
             saturation_percent=saturation,
             cache_seconds=cache,
+            races_per_second=self.integer(table, "races_per_second", defaults.races_per_second),
+            max_learned=self.integer(table, "max_learned", defaults.max_learned),
+            race_private=self.flag(table, "race_private", default=defaults.race_private),
         )
         check_rule(rule, links, self.at_fn(table))
         return rule

@@ -58,6 +58,12 @@ MAX_PRIORITY = 0xFFFF_FFFF  # an order only; published on D-Bus as a uint32
 MAX_BANDWIDTH_MBPS = 1_000_000.0
 # iptables' limit match takes at most 10000/s (XT_LIMIT_SCALE), and both backends render it.
 MAX_ICMP_RATE = 10_000
+# fastest-response: races a second (1000 through 2 links is already 2000 connections a second
+# from the router) and learned destinations kept (65536: about 16 MB in the daemon).
+FASTEST_LIMITS: Mapping[str, tuple[int, int]] = {
+    "races_per_second": (1, 1000),
+    "max_learned": (16, 65_536),
+}
 MAX_MAILS_PER_HOUR = 3600  # one a second: more is a flood, not an alert
 MAX_MAIL_TIMEOUT_S = 300.0  # an SMTP exchange stuck for 5 minutes will not recover
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
@@ -327,6 +333,8 @@ def check_rule(rule: Rule, links: Sequence[str], at: AtFn) -> None:
         raise at("cache_seconds").error(
             f"{rule.cache_seconds} is not a number of seconds from {low} to {high}"
         )
+    for key, (low, high) in FASTEST_LIMITS.items():
+        check_range(getattr(rule, key), low, high, at(key))
     if rule.method is Method.FASTEST_RESPONSE and rule.match.proto not in (None, "tcp"):
         raise at("match.proto").error(
             "method 'fastest-response' races TCP connections to learn a destination's link; "

@@ -18,6 +18,7 @@ from uplinkd import planner
 from uplinkd.backends import iptables, nftables
 from uplinkd.backends.iptables import IptablesBackend, iptables_nft_tables, refuse_mark
 from uplinkd.errors import ApplyError, BackendUnavailableError, HookError
+from uplinkd.fastest import MAX_RACES
 from uplinkd.model import (
     Firewall,
     HashBy,
@@ -535,21 +536,86 @@ def test_fastest_response_learns_in_nftables_before_its_weighted_buckets() -> No
     assert plan.dispatches[1].cache_s is None  # the default rule
     text = nftables.render(plan)
     assert re.search(
-        r"map fr_rule_0_web \{\n\t\ttype ipv4_addr : verdict\n\t\tflags timeout\n", text
-    )
-    assert re.search(
-        r"set frp_rule_0_web \{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 10s\n",
+        r"map fr_rule_0_web \{\n\t\ttype ipv4_addr : verdict\n\t\tsize 4096\n\t\tflags timeout\n",
         text,
     )
-    classify = text[text.index("chain classify") :].splitlines()[1:4]
+    assert re.search(
+        r"set frp_rule_0_web \{\n\t\ttype ipv4_addr\n\t\tsize 200\n"
+        r"\t\tflags dynamic,timeout\n\t\ttimeout 10s\n",
+        text,
+    )
+    classify = text[text.index("chain classify") :].splitlines()[1:3]
     assert [line.strip() for line in classify] == [
         "meta l4proto tcp ip daddr vmap @fr_rule_0_web",
-        "meta l4proto tcp ip daddr != @frp_rule_0_web add @frp_rule_0_web "
-        '{ ip daddr } log prefix "uplinkd-fr rule_0_web" group 21301',
         'meta l4proto tcp numgen random mod 12 vmap @rule_0_web comment "rule_0_web"',
     ]
     weighted_web = replace(plan, dispatches=(replace(web, cache_s=None), *plan.dispatches[1:]))
     assert nftables.structure_digest(plan) != nftables.structure_digest(weighted_web)
+
+
+def chain(text: str, name: str) -> list[str]:
+    body = text[text.index(f"chain {name} {{") :]
+    return [line.strip() for line in body[: body.index("\n\t}")].splitlines()[1:]]
+
+
+def test_fastest_response_reports_only_what_the_forward_filters_let_through() -> None:
+    """New destinations are reported after every forward filter (and for the router's own
+    connections before classify), never from classify, which runs before the filters."""
+    plan = fastest()
+    text = nftables.render(plan)
+    assert "log prefix" not in "\n".join(chain(text, "classify"))
+    assert chain(text, "fr_forward") == [
+        "type filter hook forward priority filter + 100; policy accept;",
+        "ct state != new return",
+        "ct status dnat return",  # port forwards and hairpins: classify saw another address
+        'iifname { "wan1", "wan2" } return',  # from an ISP: never classified
+        "jump fr_report",
+    ]
+    # First match wins, as in classify: a learned or already reported destination is not
+    # reported; rules after the last fastest-response rule are not looked at.
+    assert chain(text, "fr_report") == [
+        "meta l4proto tcp ip daddr @fr_rule_0_web return",
+        "meta l4proto tcp ip daddr != @frp_rule_0_web add @frp_rule_0_web "
+        '{ ip daddr } log prefix "uplinkd-fr rule_0_web" group 21301',
+        "meta l4proto tcp return",
+    ]
+    output = chain(text, "mark_output")
+    assert output.index("ct state new jump fr_report") + 1 == output.index(
+        "ct state new jump classify"
+    )
+    weighted = planner.plan(config({"ISP1": 1, "ISP2": 3}), facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
+    assert "fr_report" not in nftables.render(weighted)
+
+
+def test_a_rule_before_the_fastest_one_keeps_its_connections_unreported() -> None:
+    mail = Rule("mail", Method.WEIGHTED, Match(proto="tcp", dport=(PortRange(25, 25),)))
+    web = Rule("web", Method.FASTEST_RESPONSE, Match(), cache_seconds=120)
+    cfg = config({"ISP1": 1, "ISP2": 1}, rules=(mail,), default=web)
+    text = nftables.render(planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"}))
+    assert chain(text, "fr_report") == [
+        "tcp dport 25 return",
+        "ip daddr @fr_rule_default return",
+        "meta l4proto tcp ip daddr != @frp_rule_default add @frp_rule_default "
+        '{ ip daddr } log prefix "uplinkd-fr rule_default" group 21301',
+        "return",
+    ]
+
+
+def test_the_learned_map_and_the_pending_set_are_bounded_in_the_kernel() -> None:
+    web = Rule(
+        "web",
+        Method.FASTEST_RESPONSE,
+        Match(proto="tcp"),
+        races_per_second=50,
+        max_learned=100,
+    )
+    cfg = config({"ISP1": 1, "ISP2": 1}, rules=(web,))
+    plan = planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
+    text = nftables.render(plan)
+    assert re.search(r"map fr_rule_0_web \{[^}]*\n\t\tsize 100\n", text)
+    assert re.search(r"set frp_rule_0_web \{[^}]*\n\t\tsize 500\n", text)  # 50/s for 10 s
+    slow = replace(plan.dispatches[0], races_per_second=1)
+    assert nftables.pending_size(slow) == nftables.PENDING_MIN == MAX_RACES
 
 
 def test_iptables_refuses_fastest_response() -> None:

@@ -322,6 +322,35 @@ def test_fastest_response_and_its_cache_seconds() -> None:
     )
 
 
+def test_fastest_response_bounds_what_a_client_can_make_the_router_do() -> None:
+    rule = '[[rule]]\nname = "web"\nmatch = { proto = "tcp", dport = 443 }\n'
+    fastest = rule + 'method = "fastest-response"\n'
+    web = parse(fastest).rules[0]
+    assert (web.races_per_second, web.max_learned, web.race_private) == (20, 4096, False)
+    web = parse(fastest + "races_per_second = 5\nmax_learned = 100\nrace_private = true\n")
+    assert (web.rules[0].races_per_second, web.rules[0].max_learned) == (5, 100)
+    assert web.rules[0].race_private
+    default = parse('[default]\nmethod = "fastest-response"\nmax_learned = 16\n').default
+    assert default.max_learned == 16
+    for key, value, allowed in (
+        ("races_per_second", 0, "between 1 and 1000"),
+        ("races_per_second", 1001, "between 1 and 1000"),
+        ("max_learned", 15, "between 16 and 65536"),
+        ("max_learned", 65537, "between 16 and 65536"),
+    ):
+        refused(
+            f"{fastest}{key} = {value}\n", 15, f"rule.{key}", f"{value} is out of range", allowed
+        )
+    refused(fastest + 'race_private = "yes"\n', 15, "rule.race_private", "true or false")
+    for key, value in (("races_per_second", 5), ("max_learned", 100), ("race_private", "true")):
+        refused(
+            f'{rule}method = "weighted"\n{key} = {value}\n',
+            15,
+            f"rule.{key}",
+            f"'{key}' applies only to method 'fastest-response'",
+        )
+
+
 @pytest.mark.parametrize("method", ["overflow", "least-used"])
 def test_bandwidth_methods_need_link_bandwidths(method: str) -> None:
     refused(

@@ -34,6 +34,14 @@ _NAME_SET_PREFIX = "name_of_link_"
 # and those reported to the daemon and waiting for their race.
 _LEARNED_PREFIX = "fr_"
 _PENDING_PREFIX = "frp_"
+# New destinations are reported from these chains, so only connections that every forward filter
+# let through are (see _report): fr_forward runs after the filters of uplinkd (priority filter),
+# firewalld (filter + 10) and iptables-nft (filter); a drop in any base chain is final.
+_REPORT_CHAIN = "fr_report"
+_REPORT_FORWARD_CHAIN = "fr_forward"
+_REPORT_PRIORITY = "filter + 100"
+# The pending set holds at least what fastest.MAX_RACES races at once (a test holds them equal).
+PENDING_MIN = 64
 
 
 def learned_map(dispatch_name: str) -> str:
@@ -153,18 +161,62 @@ def _classify(plan: Plan) -> str:
     for dispatch in plan.dispatches:
         match = render_match(dispatch.match)
         if dispatch.cache_s is not None:
-            # A learned destination goes to its race's winner; a new one (TCP: what the daemon
-            # races) is reported once per FASTEST_PENDING_S and meanwhile uses the buckets.
-            pending = f"@{_PENDING_PREFIX}{dispatch.name}"
+            # A learned destination goes to its race's winner; a new one is reported (_report)
+            # and meanwhile uses the buckets.
             lines.append(f"{match} ip daddr vmap @{learned_map(dispatch.name)}".strip())
+        vmap = f'vmap @{dispatch.map_name} comment "{dispatch.name}"'
+        lines.append(f"{match} {_selector(dispatch)} {vmap}".strip())
+    return _chain("classify", [], lines)
+
+
+def _fastest(plan: Plan) -> list[Dispatch]:
+    return [d for d in plan.dispatches if d.cache_s is not None]
+
+
+def _report(plan: Plan) -> list[str]:
+    """Where a new connection's destination is reported to the daemon, for it to race.
+
+    Not in classify (prerouting), which runs before any forward filter: a connection the
+    firewall drops must not make the router connect there itself. So forwarded connections are
+    reported by fr_forward, a forward chain after the filters, and the router's own (what
+    mark_output classifies) before classify in mark_output. fr_report finds the rule the way
+    classify does (first match wins) and reports a TCP destination that the rule has neither
+    learned nor reported in the last FASTEST_PENDING_S; a full pending set reports nothing more
+    until entries expire, which bounds the reports of a scan in the kernel.
+    """
+    fastest = _fastest(plan)
+    if not fastest:
+        return []
+    last = plan.dispatches.index(fastest[-1])
+    lines = []
+    for dispatch in plan.dispatches[: last + 1]:
+        match = render_match(dispatch.match)
+        if dispatch.cache_s is not None:
+            pending = f"@{_PENDING_PREFIX}{dispatch.name}"
+            lines.append(f"{match} ip daddr @{learned_map(dispatch.name)} return".strip())
             report = f'log prefix "{log_prefix(dispatch.name)}" group {const.FASTEST_NFLOG_GROUP}'
             tcp = "" if dispatch.match.proto == "tcp" else "meta l4proto tcp "
             lines.append(
                 f"{match} {tcp}ip daddr != {pending} add {pending} {{ ip daddr }} {report}".strip()
             )
-        vmap = f'vmap @{dispatch.map_name} comment "{dispatch.name}"'
-        lines.append(f"{match} {_selector(dispatch)} {vmap}".strip())
-    return _chain("classify", [], lines)
+        lines.append(f"{match} return".strip())
+    # Connections classify did not see: from an ISP (prerouting sends them to their link) and
+    # those it saw under another address (dnat happens after it: port forwards, hairpins).
+    forward = ["ct state != new return", "ct status dnat return"]
+    if plan.links:
+        forward.append(f"iifname {_names(_wan_devices(plan.links))} return")
+    forward.append(f"jump {_REPORT_CHAIN}")
+    header = f"type filter hook forward priority {_REPORT_PRIORITY}; policy accept;"
+    return [
+        _chain(_REPORT_CHAIN, [], lines),
+        _chain(_REPORT_FORWARD_CHAIN, [header], forward),
+    ]
+
+
+def pending_size(dispatch: Dispatch) -> int:
+    """The pending set's size: what the daemon can race in FASTEST_PENDING_S, at least
+    PENDING_MIN; a scan beyond it is not even reported."""
+    return max(PENDING_MIN, dispatch.races_per_second * const.FASTEST_PENDING_S)
 
 
 def _learning_sets(dispatch: Dispatch) -> list[str]:
@@ -173,8 +225,10 @@ def _learning_sets(dispatch: Dispatch) -> list[str]:
     comment = f'comment "rule {dispatch.rule}: destinations'
     return [
         f"\tmap {learned_map(dispatch.name)} {{\n\t\ttype ipv4_addr : verdict\n"
+        f"\t\tsize {dispatch.max_learned}\n"
         f'\t\tflags timeout\n\t\t{comment} and the link that answered first"\n\t}}',
         f"\tset {_PENDING_PREFIX}{dispatch.name} {{\n\t\ttype ipv4_addr\n"
+        f"\t\tsize {pending_size(dispatch)}\n"
         f"\t\tflags dynamic,timeout\n\t\ttimeout {const.FASTEST_PENDING_S}s\n"
         f'\t\t{comment} waiting for their race"\n\t}}',
     ]
@@ -205,6 +259,8 @@ def _output(plan: Plan) -> str:
     rules.append(f"meta mark and 0x{plan.mark_mask:08x} != 0 accept")  # the socket chose (SO_MARK)
     local = ['"lo"', *(f'"{d}"' for d in plan.lan_devices)]
     rules.append(f"oifname {_set(local)} accept")
+    if _fastest(plan):
+        rules.append(f"ct state new jump {_REPORT_CHAIN}")
     rules.append("ct state new jump classify")
     return _chain("mark_output", ["type route hook output priority mangle; policy accept;"], rules)
 
@@ -305,6 +361,7 @@ def _table_body(plan: Plan) -> str:
         *learning,
         *_mark_chains(plan),
         _classify(plan),
+        *_report(plan),
         _prerouting(plan),
         _output(plan),
         *_nat(plan),
