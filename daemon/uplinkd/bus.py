@@ -155,13 +155,17 @@ class Controller(Protocol):
     def notify_device(self, device: str, action: str) -> None: ...
     async def reload(self) -> None: ...  # raises errors.UplinkdError when the config is refused
     def dry_run(self) -> str: ...
-    def learned(self) -> list[LearnedDestination]: ...
+    # At most `limit` learned destinations from `offset`, and how many there are in all.
+    def learned(self, offset: int, limit: int) -> tuple[list[LearnedDestination], int]: ...
 
 
 _S = TypeVar("_S", Snapshot, LinkStatus)
 _P = ParamSpec("_P")
 _READ: Final = PropertyAccess.READ
-LearnedReply = Annotated[list[tuple[str, str, str, int]], DBusSignature("a(sssu)")]
+# GetLearned answers at most this many destinations a call, so a call costs the same however
+# many destinations are learned; callers page through with offset (uplinkctl learned does).
+LEARNED_PAGE_MAX: Final = 500
+LearnedReply = Annotated[tuple[list[tuple[str, str, str, int]], int], DBusSignature("a(sssu)u")]
 StatusReply = Annotated[
     tuple[dict[str, Variant], list[dict[str, Variant]]], DBusSignature("a{sv}aa{sv}")
 ]
@@ -294,8 +298,9 @@ class ManagerInterface(_Published[Snapshot]):
         return self._service.controller.dry_run()
 
     @_bus_method("GetLearned")
-    def get_learned(self) -> LearnedReply:
-        return [astuple(entry) for entry in self._service.controller.learned()]
+    def get_learned(self, offset: DBusUInt32, limit: DBusUInt32) -> LearnedReply:
+        page, total = self._service.controller.learned(offset, min(limit, LEARNED_PAGE_MAX))
+        return [astuple(entry) for entry in page], total
 
     @dbus_signal("LinkStateChanged")
     def link_state_changed(self, transition: Transition) -> LinkStateChangedArgs:

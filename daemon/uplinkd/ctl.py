@@ -166,6 +166,8 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Collecti
 
 
 LEARNED_COLUMNS = ("RULE", "DESTINATION", "LINK", "FORGOTTEN IN")
+# Entries asked for per GetLearned call: the daemon's most (bus.LEARNED_PAGE_MAX).
+LEARNED_PAGE = 500
 
 
 def learned_table(destinations: Sequence[Sequence[Any]]) -> str:
@@ -353,6 +355,16 @@ async def monitor(client: Client, count: int | None) -> None:
         print(line, flush=True)
 
 
+async def all_learned(client: Client) -> list[Any]:
+    """Every page of GetLearned (the daemon answers at most LEARNED_PAGE entries a call)."""
+    destinations: list[Any] = []
+    while True:
+        page, total = await client.call("GetLearned", "uu", len(destinations), LEARNED_PAGE)
+        destinations += page
+        if not page or len(destinations) >= total:
+            return destinations
+
+
 async def run(args: argparse.Namespace) -> None:
     command = args.command if args.command not in ("up", "down") else f"{args.command} {args.name}"
     address = getattr(args, "bus_address", None) or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
@@ -372,9 +384,8 @@ async def run(args: argparse.Namespace) -> None:
             after, _ = unwrap_status(await client.call("GetStatus"))
             print(reloaded_line(int(before.get("Generation", 0)), int(after.get("Generation", 0))))
         elif args.command == "learned":
-            [destinations] = await client.call("GetLearned")
             write = learned_json if args.json else learned_table
-            sys.stdout.write(write(destinations))
+            sys.stdout.write(write(await all_learned(client)))
         elif args.command == "dry-run":
             [plan] = await client.call("DryRun")
             sys.stdout.write(plan if plan.endswith("\n") else plan + "\n")

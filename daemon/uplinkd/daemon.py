@@ -178,8 +178,8 @@ class Daemon:
     def dry_run(self) -> str:
         return self.coordinator.dry_run()
 
-    def learned(self) -> list[LearnedDestination]:
-        return self.coordinator.fastest.destinations()
+    def learned(self, offset: int, limit: int) -> tuple[list[LearnedDestination], int]:
+        return self.coordinator.fastest.page(offset, limit)
 
     async def reload(self) -> None:
         """Load the configuration again; a bad one is refused (raised) and the running one stays."""

@@ -73,11 +73,12 @@ class FakeController:
         if self.refuse is not None:
             raise self.refuse
 
-    def learned(self) -> list[LearnedDestination]:
-        return [
+    def learned(self, offset: int, limit: int) -> tuple[list[LearnedDestination], int]:
+        every = [
             LearnedDestination("web", "203.0.113.20", "ISP1", 598),
             LearnedDestination("web", "203.0.113.30", "ISP2", 4000),
         ]
+        return every[offset : offset + limit], len(every)
 
     def dry_run(self) -> str:
         # A read, like the status: not recorded, so that a policy test sees only the changes.

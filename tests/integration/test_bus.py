@@ -198,11 +198,12 @@ def test_status_properties_and_managed_objects(bus: PrivateBus) -> None:
         assert generation == Variant("t", 3)
         [everything] = await h.ok(ISP1, PROPERTIES, "GetAll", "s", LINK_INTERFACE)
         assert everything == isp1  # the properties and GetStatus say the same
-        [learned] = await h.ok(*MANAGER, "GetLearned")
-        assert learned == [
-            ("web", "203.0.113.20", "ISP1", 598),
-            ("web", "203.0.113.30", "ISP2", 4000),
-        ]
+        first = ("web", "203.0.113.20", "ISP1", 598)
+        second = ("web", "203.0.113.30", "ISP2", 4000)
+        assert await h.ok(*MANAGER, "GetLearned", "uu", 0, 100) == [[first, second], 2]
+        assert await h.ok(*MANAGER, "GetLearned", "uu", 1, 100) == [[second], 2]  # pages
+        assert await h.ok(*MANAGER, "GetLearned", "uu", 0, 0) == [[], 2]  # the count alone
+        assert await h.ok(*MANAGER, "GetLearned", "uu", 7, 100) == [[], 2]  # past the end
         [plan] = await h.ok(*MANAGER, "DryRun")
         assert plan.startswith("#")
 
@@ -223,7 +224,7 @@ def test_policy_anyone_reads_only_root_changes(bus: PrivateBus) -> None:
         reads = [
             (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetStatus"),
             (const.BUS_PATH, f"{MANAGER_INTERFACE}.DryRun"),
-            (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetLearned"),
+            (const.BUS_PATH, f"{MANAGER_INTERFACE}.GetLearned", "uint32:0", "uint32:100"),
             (const.BUS_PATH, f"{PROPERTIES}.Get", f"string:{MANAGER_INTERFACE}", "string:Version"),
             (ISP1, f"{PROPERTIES}.GetAll", f"string:{LINK_INTERFACE}"),
             (const.BUS_PATH, f"{OBJECT_MANAGER_INTERFACE}.GetManagedObjects"),
