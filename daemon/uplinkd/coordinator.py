@@ -229,6 +229,12 @@ class Coordinator:
                 self._handle(self.links[name].carrier(bool(event.carrier), now))
             if event.carrier:
                 self._spawn(self._carrier_back(event.device))
+        elif event.kind is EventKind.NEIGHBOUR and event.device is not None:
+            for name in self._links_on(event.device):
+                fact = self.facts.get(name)
+                if fact is not None and str(fact.gateway) == event.neighbour:
+                    log.info("link %s: its gateway %s answers ARP again", name, event.neighbour)
+                    self._handle(self.links[name].gateway_back(now))
         elif event.kind in (EventKind.ADDRESS, EventKind.GATEWAY):
             log.info("%s: re-reading addresses and gateways", event.detail)
             self._spawn(self._refresh())

@@ -186,6 +186,14 @@ class Link:
         self._received_in_row = 0
         return self._fire("_drop", now, lambda: "carrier lost")
 
+    def gateway_back(self, now: float) -> list[Transition]:
+        """The gateway, silent on ARP, answers again: the rounds it lost say nothing about the
+        path from now on, so a link that is not up is judged from clean counters, as after a
+        carrier loss (probing still decides)."""
+        if self._state is not LinkState.UP:
+            self._reset_counters(now)
+        return []
+
     def routes_installed(self, now: float) -> list[Transition]:
         """The link's routes are in the kernel (again): probing decides, from clean counters (the
         probes sent while they were missing had no route through the link)."""

@@ -1,4 +1,4 @@
-"""Kernel events for the links' devices: carrier, IPv4 addresses and gateway routes.
+"""Kernel events for the links' devices: carrier, IPv4 addresses, gateway routes, neighbours.
 
 `NetlinkWatcher` subscribes first and snapshots second (STYLE rule 6), so no change can fall
 between the two: messages that arrive during the dumps wait in the monitor socket's queue.
@@ -38,13 +38,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
+    RTM_DELNEIGH,
     RTM_DELROUTE,
     RTM_NEWADDR,
     RTM_NEWLINK,
+    RTM_NEWNEIGH,
     RTM_NEWROUTE,
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
     RTMGRP_LINK,
+    RTMGRP_NEIGH,
 )
 
 from . import const
@@ -58,7 +61,9 @@ IFF_LOWER_UP: Final = 0x10000
 # Operational states in which a device with carrier can carry traffic (RFC 2863; UNKNOWN is what
 # drivers without operstate support, ppp and tun report).
 USABLE_OPERSTATES: Final = frozenset({"UP", "UNKNOWN", None})
-GROUPS: Final = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+GROUPS: Final = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH
+# Neighbour states that say the address does not answer ARP (yet): resolving, or given up.
+NUD_UNRESOLVED: Final = 0x01 | 0x20  # NUD_INCOMPLETE | NUD_FAILED
 # A dump that takes longer than this is stuck (a healthy one takes milliseconds): reopen.
 SNAPSHOT_TIMEOUT_S: Final = 10.0
 # Back-off after an unexpected error, doubling up to the maximum; ENOBUFS reopens at once.
@@ -70,6 +75,7 @@ class EventKind(enum.StrEnum):
     CARRIER = "carrier"
     ADDRESS = "address"
     GATEWAY = "gateway"
+    NEIGHBOUR = "neighbour"  # a neighbour that did not answer ARP answers again
     RESYNC = "resync"
 
 
@@ -79,6 +85,7 @@ class NetEvent:
     device: str | None  # None for RESYNC
     carrier: bool | None  # for CARRIER: the new state (False when the device is removed)
     detail: str  # for people: "wan1: carrier lost"
+    neighbour: str | None = None  # for NEIGHBOUR: its address
 
 
 def link_carrier(msg: Any) -> bool:
@@ -116,6 +123,8 @@ class NetlinkWatcher:
         self._names: dict[int, str] = {}  # ifindex -> device name
         self._carrier: dict[str, bool] = {}
         self._addresses: dict[str, set[str]] = {}
+        # (device, neighbour) failed or gone from the neighbour table: not known to answer ARP
+        self._unresolved: set[tuple[str, str]] = set()
         self._snapshots = 0  # completed snapshots; from the second on, a snapshot is a resync
         self.ready = asyncio.Event()
 
@@ -209,6 +218,8 @@ class NetlinkWatcher:
             self._on_address(msg, deleted=kind == RTM_DELADDR)
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["family"] == socket.AF_INET:
             self._on_route(msg, deleted=kind == RTM_DELROUTE)
+        elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and msg["family"] == socket.AF_INET:
+            self._on_neighbour(msg, deleted=kind == RTM_DELNEIGH)
 
     def _on_link(self, msg: Any, *, deleted: bool) -> None:
         index = int(msg["index"])
@@ -227,6 +238,7 @@ class NetlinkWatcher:
     def _forget(self, name: str) -> None:
         before = self._carrier.pop(name, None)
         self._addresses.pop(name, None)
+        self._unresolved = {key for key in self._unresolved if key[0] != name}
         if before is not None:
             self._carrier_event(name, before, None)
 
@@ -275,6 +287,25 @@ class NetlinkWatcher:
             via = f"via {route.gateway}" if route.gateway else "without gateway"
             verb = "removed" if deleted else "added"
             self._emit(NetEvent(EventKind.GATEWAY, name, None, f"{name}: {dst} {via} {verb}"))
+
+    def _on_neighbour(self, msg: Any, *, deleted: bool) -> None:
+        """A neighbour of a watched device that stopped answering ARP (a gateway gone silent)
+        and then answers again: the end of a fault the probes could only see as loss.
+
+        The kernel reports a neighbour that failed to resolve (FAILED) and one whose entry went
+        (deleted, e.g. flushed or aged out), but not one still resolving (INCOMPLETE): after
+        either, the next valid state means it answered ARP again."""
+        name = self._names.get(int(msg["ifindex"]))
+        address = msg.get_attr("NDA_DST")
+        if name not in self._devices or address is None:
+            return
+        key = (name, str(address))
+        if deleted or msg["state"] & NUD_UNRESOLVED:
+            self._unresolved.add(key)
+        elif key in self._unresolved:
+            self._unresolved.discard(key)
+            text = f"{name}: neighbour {address} answers ARP again"
+            self._emit(NetEvent(EventKind.NEIGHBOUR, name, None, text, neighbour=str(address)))
 
     def _emit(self, event: NetEvent) -> None:
         log.debug("netlink event: %s", event.detail)

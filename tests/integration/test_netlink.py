@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -304,3 +305,47 @@ def test_missing_namespace_is_never_created() -> None:
         assert not os.path.exists(f"/run/netns/{name}")
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+SEND = "import socket, sys; socket.socket(type=socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 9))"
+
+
+async def send_udp(ns: str, address: str) -> None:
+    """One datagram from the namespace: what makes the kernel resolve the neighbour."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, sys.executable, "-c", SEND, address
+    )
+    assert await proc.wait() == 0
+
+
+def test_a_neighbour_answering_arp_again_is_reported_once(pair: Pair) -> None:
+    async def body() -> None:
+        async with watching(pair) as (_, events):
+            for address, dev in (("10.0.1.1", "wan1p"), ("10.0.2.1", "wan2p")):
+                ip(pair.peer, "addr", "add", f"{address}/24", "dev", dev)
+                await send_udp(pair.ns, address)  # answers at once: nothing to report
+            await events.settle()
+            assert events.queue.empty()
+            # The gateway goes silent and its entry goes (flushed, as one aged out would be)...
+            ip(pair.peer, "addr", "del", "10.0.1.1/24", "dev", "wan1p")
+            ip(pair.ns, "neigh", "flush", "dev", "wan1")
+            await send_udp(pair.ns, "10.0.1.1")  # unanswered: INCOMPLETE
+            await events.settle()
+            # ...then answers again.
+            ip(pair.peer, "addr", "add", "10.0.1.1/24", "dev", "wan1p")
+            for _ in range(20):  # each datagram asks again; bounded
+                await send_udp(pair.ns, "10.0.1.1")
+                await asyncio.sleep(0.2)
+                if not events.queue.empty():
+                    break
+            event = await events.first_of(EventKind.NEIGHBOUR, "wan1")
+            assert event.neighbour == "10.0.1.1"
+            assert event.detail == "wan1: neighbour 10.0.1.1 answers ARP again"
+            await send_udp(pair.ns, "10.0.1.1")
+            await events.settle()  # once: it stays resolved
+            left = []
+            while not events.queue.empty():
+                left.append(events.queue.get_nowait())
+            assert [e for e in left if e.kind is EventKind.NEIGHBOUR] == []
+
+    run(body)

@@ -214,6 +214,23 @@ def test_a_loss_after_the_in_flight_time_counts() -> None:
     assert link.stats().consecutive_lost == 1
 
 
+def test_a_gateway_answering_arp_again_clears_the_losses_it_caused() -> None:
+    link, clock = up_link()
+    rounds(link, clock, "-" * 10)  # the gateway was silent on ARP: a full window of losses
+    assert link.state is LinkState.DOWN
+    assert link.gateway_back(clock.step()) == []
+    assert rounds(link, clock, "++++") == []
+    (t,) = rounds(link, clock, "+")  # 5 rounds, not the 18 that diluting 10 losses would take
+    assert (t.old, t.new) == (LinkState.DOWN, LinkState.UP)
+
+
+def test_a_gateway_answering_arp_leaves_an_up_link_alone() -> None:
+    link, clock = up_link()
+    rounds(link, clock, "--")
+    assert link.gateway_back(clock.step()) == []
+    assert link.stats().consecutive_lost == 2
+
+
 def test_carrier_loss_from_init() -> None:
     link, clock = make()
     (t,) = link.carrier(False, clock.step())
