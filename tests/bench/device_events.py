@@ -28,17 +28,16 @@ from tests.integration.conftest import Uplinkd
 
 from .failover import (
     CLIENT,
-    FIGURES,
     HOLD_S,
     Fault,
     Trial,
     TrialError,
     _describe,
     _require,
+    group_summary,
     one_fault,
 )
 from .monitors import LINKS
-from .stats import summary
 
 TRIALS_PER_DAEMON = 2
 BUDGET_S = dict.fromkeys(DEVICE_FAULTS, 0.100) | {"arp": 1.0}  # failover, p95
@@ -81,16 +80,8 @@ def summarize(trials: list[Trial]) -> dict[str, object]:
     out: dict[str, object] = {}
     for kind, isp in itertools.product(DEVICE_FAULTS, (1, 2)):
         mine = [t for t in trials if t.fault == kind and t.isp == isp]
-        good = [t for t in mine if not t.error]
         if mine:
-            out[f"{kind}/ISP{isp}"] = {
-                "trials": len(mine),
-                "failed_trials": len(mine) - len(good),
-                **{
-                    name: summary([getattr(t, name) for t in good if getattr(t, name) is not None])
-                    for name in FIGURES
-                },
-            }
+            out[f"{kind}/ISP{isp}"] = group_summary(mine)
     return out
 
 

@@ -242,20 +242,25 @@ def _describe(trial: Trial) -> str:
     )
 
 
+def group_summary(mine: list[Trial]) -> dict[str, object]:
+    """One group of trials: how many, how many failed, and each figure over the good ones."""
+    good = [t for t in mine if not t.error]
+    return {
+        "trials": len(mine),
+        "failed_trials": len(mine) - len(good),
+        **{
+            name: summary([getattr(t, name) for t in good if getattr(t, name) is not None])
+            for name in FIGURES
+        },
+    }
+
+
 def summarize(trials: list[Trial]) -> dict[str, object]:
     out: dict[str, object] = {}
     for monitor, fault in itertools.product(SETTINGS, FAULTS):
         mine = [t for t in trials if t.monitor == monitor and t.fault == fault]
-        good = [t for t in mine if not t.error]
         if mine:
-            out[f"{monitor}/{fault}"] = {
-                "trials": len(mine),
-                "failed_trials": len(mine) - len(good),
-                **{
-                    name: summary([getattr(t, name) for t in good if getattr(t, name) is not None])
-                    for name in FIGURES
-                },
-            }
+            out[f"{monitor}/{fault}"] = group_summary(mine)
     return out
 
 
