@@ -16,7 +16,6 @@ import logging
 import socket
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import astuple
 from typing import (
     Annotated,
     Any,
@@ -164,7 +163,9 @@ _P = ParamSpec("_P")
 _READ: Final = PropertyAccess.READ
 # GetLearned answers at most this many destinations a call, so a call costs the same however
 # many destinations are learned; callers page through with offset (uplinkctl learned does).
-LEARNED_PAGE_MAX: Final = 500
+# In the lab, 16 callers back to back added about 50 ms to a carrier failover with pages of
+# 100 (a call about 0.4 ms), 0.4-0.6 s with pages of 500.
+LEARNED_PAGE_MAX: Final = 100
 LearnedReply = Annotated[tuple[list[tuple[str, str, str, int]], int], DBusSignature("a(sssu)u")]
 StatusReply = Annotated[
     tuple[dict[str, Variant], list[dict[str, Variant]]], DBusSignature("a{sv}aa{sv}")
@@ -300,7 +301,8 @@ class ManagerInterface(_Published[Snapshot]):
     @_bus_method("GetLearned")
     def get_learned(self, offset: DBusUInt32, limit: DBusUInt32) -> LearnedReply:
         page, total = self._service.controller.learned(offset, min(limit, LEARNED_PAGE_MAX))
-        return [astuple(entry) for entry in page], total
+        # Not dataclasses.astuple: it copies each field deeply, 7 us an entry.
+        return [(e.rule, e.address, e.link, e.seconds_left) for e in page], total
 
     @dbus_signal("LinkStateChanged")
     def link_state_changed(self, transition: Transition) -> LinkStateChangedArgs:

@@ -167,7 +167,7 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Collecti
 
 LEARNED_COLUMNS = ("RULE", "DESTINATION", "LINK", "FORGOTTEN IN")
 # Entries asked for per GetLearned call: the daemon's most (bus.LEARNED_PAGE_MAX).
-LEARNED_PAGE = 500
+LEARNED_PAGE = 100
 
 
 def learned_table(destinations: Sequence[Sequence[Any]]) -> str:

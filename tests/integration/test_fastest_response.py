@@ -209,30 +209,49 @@ def connect(lab: Lab, ns: str, address: str) -> None:
     lab.run(ns, sys.executable, "-c", CONNECT, address)
 
 
-def test_a_scan_is_raced_at_the_rule_rate_and_learned_up_to_the_cap(
-    lab: Lab, tmp_path: Path, bus: PrivateBus
-) -> None:
-    """200 new destinations in 1 s from the LAN: at most the burst plus 10 a second are raced
-    (before: every one), and the learned map never holds more than 16 (before: 200)."""
-    count_races(lab)
-    text = config("races_per_second = 10", "max_learned = 16")
-    with running(lab, tmp_path, bus, text) as daemon:
-        sizes: list[int] = []
-        start = time.monotonic()
-        argv = [sys.executable, "-c", SCAN, str(SCAN_NET[0]), "200", "200"]
-        scanning = subprocess.Popen(["ip", "netns", "exec", lab.ns_lan, *argv])
-        try:
-            while scanning.poll() is None or time.monotonic() < start + 3.0:
-                sizes.append(len(learned(lab)))
-                time.sleep(0.05)
-        finally:
-            scanning.wait(timeout=30)
-        elapsed = time.monotonic() - start
-        sizes.append(len(learned(lab)))
-        races = {address for address in raced(lab) if ipaddress.IPv4Address(address) in SCAN_NET}
-        shown = uplinkctl(bus.address, "learned", "--json")
+def scan_watching_learned(lab: Lab, count: int, rate: float, watch: float) -> list[int]:
+    """Scan from the LAN, meanwhile (and for `watch` seconds at least) listing the size of the
+    learned map every 50 ms."""
+    sizes: list[int] = []
+    start = time.monotonic()
+    argv = [sys.executable, "-c", SCAN, str(SCAN_NET[0]), str(count), str(rate)]
+    scanning = subprocess.Popen(["ip", "netns", "exec", lab.ns_lan, *argv])
+    try:
+        while scanning.poll() is None or time.monotonic() < start + watch:
+            sizes.append(len(learned(lab)))
+            time.sleep(0.05)
+    finally:
+        scanning.wait(timeout=30)
     assert scanning.returncode == 0
+    return sizes
+
+
+def scan_races(lab: Lab) -> set[str]:
+    return {address for address in raced(lab) if ipaddress.IPv4Address(address) in SCAN_NET}
+
+
+def test_a_scan_is_raced_at_the_rule_rate(lab: Lab, tmp_path: Path, bus: PrivateBus) -> None:
+    """200 new destinations in 1 s from the LAN: at most the burst plus 10 a second are raced
+    (before: every one)."""
+    count_races(lab)
+    with running(lab, tmp_path, bus, config("races_per_second = 10")) as daemon:
+        start = time.monotonic()
+        scan_watching_learned(lab, 200, 200, watch=3.0)
+        elapsed = time.monotonic() - start
+        races = scan_races(lab)
     assert 10 <= len(races) <= 10 + 10 * elapsed + 1, (len(races), elapsed, daemon.log.text)
+
+
+def test_the_learned_map_never_exceeds_the_cap(lab: Lab, tmp_path: Path, bus: PrivateBus) -> None:
+    """200 new destinations raced: the learned map never holds more than max_learned, nor does
+    the daemon (before: 200)."""
+    count_races(lab)
+    text = config("races_per_second = 1000", "max_learned = 16")
+    with running(lab, tmp_path, bus, text) as daemon:
+        sizes = scan_watching_learned(lab, 200, 200, watch=3.0)
+        sizes.append(len(learned(lab)))
+        shown = uplinkctl(bus.address, "learned", "--json")
+        assert len(scan_races(lab)) > 16, daemon.log.text  # more were raced than kept
     assert max(sizes) == 16, sizes  # full, and never more
     assert shown.returncode == 0, shown.stderr
     assert len(json.loads(shown.stdout)) == 16  # the daemon keeps what the kernel does
@@ -298,7 +317,7 @@ async def caller(address, until, counts):
     paged = None
     loop = asyncio.get_running_loop()
     while loop.time() < until:
-        args = {"signature": "uu", "body": [0, 500]} if paged is not False else {}
+        args = {"signature": "uu", "body": [0, 100]} if paged is not False else {}
         reply = await bus.call(Message(
             "org.uplinkd.Uplinkd1", "/org/uplinkd/Uplinkd1", "org.uplinkd.Uplinkd1.Manager",
             "GetLearned", **args))
@@ -329,13 +348,14 @@ def bucket_links(lab: Lab) -> set[str]:
 def test_getlearned_callers_on_a_large_table_do_not_delay_a_failover(
     lab: Lab, tmp_path: Path, bus: PrivateBus
 ) -> None:
-    """4000 learned destinations and 16 clients calling GetLearned back to back: a carrier loss
-    still reaches the kernel's map within a second (usually tens of ms; before: 2.4 s)."""
+    """3000 or more learned destinations and 16 clients calling GetLearned back to back: a
+    carrier loss still reaches the kernel's map within a second (here about 0.4 s, 0.37 s
+    without the callers; before: 5.1 s)."""
     count_races(lab)
     text = config("races_per_second = 1000", "max_learned = 8192")
     with running(lab, tmp_path, bus, text) as daemon:
         scan(lab, 4000, 1000)
-        assert wait_until(lambda: len(learned(lab)) >= 3500, 20), len(learned(lab))
+        assert wait_until(lambda: len(learned(lab)) >= 3000, 20), len(learned(lab))
         callers = subprocess.Popen(
             [sys.executable, "-c", CALLERS, bus.address, "6"], stdout=subprocess.PIPE, text=True
         )
