@@ -171,6 +171,7 @@ StatusReply = Annotated[
     tuple[dict[str, Variant], list[dict[str, Variant]]], DBusSignature("a{sv}aa{sv}")
 ]
 LinkStateChangedArgs = Annotated[tuple[str, str, str, str], DBusSignature("ssss")]
+StringList = Annotated[list[str], DBusSignature("as")]
 
 
 class _Published(ServiceInterface, Generic[_S]):
@@ -327,6 +328,10 @@ class ManagerInterface(_Published[Snapshot]):
     @dbus_property(_READ, "OverallState")
     def overall_state(self) -> DBusStr:
         return str(self.source.overall)
+
+    @dbus_property(_READ, "HookProblems")
+    def hook_problems(self) -> StringList:
+        return list(self.source.hook_problems)
 
 
 class _FullBufferWaits:

@@ -109,7 +109,7 @@ def test_contract_parses_as_introspection() -> None:
 
 def test_every_member_and_argument_is_documented() -> None:
     elements = _documented_elements()
-    assert len(elements) == 3 + 6 + 2 + 4 + 14 + 3  # interfaces, Manager, Link, ObjectManager
+    assert len(elements) == 3 + 6 + 2 + 5 + 14 + 3  # interfaces, Manager, Link, ObjectManager
     for element, comment in elements:
         name = element.get("name")
         assert comment is not None, f"{element.tag} {name} has no comment before it"
@@ -151,6 +151,27 @@ def test_published_values_have_the_declared_types() -> None:
     }
     assert variants["Since"].value == 1
     assert variants["LatencyMs"].value == -1.0
+
+
+def test_manager_publishes_the_hook_problems() -> None:
+    """HookProblems carries the snapshot's hook failures, one string each, as the contract's
+    type; no problem is an empty list (GetStatus returns these same variants)."""
+    problems = ("/etc/uplinkd/firewall/10.web.py:2: syntax error: invalid syntax", "x:1: exit 1")
+    snapshot = Snapshot("0", "weighted", 0, Overall.ONLINE, (), hook_problems=problems)
+    manager = bus.ManagerInterface(bus.BusService(controller=None), snapshot)
+    variants = manager.variants()
+    assert {name: v.signature for name, v in variants.items()} == {
+        name: prop[0]
+        for name, prop in contract(bus.MANAGER_INTERFACE)[bus.MANAGER_INTERFACE][
+            "properties"
+        ].items()
+    }
+    assert variants["HookProblems"].value == list(problems)
+    none = Snapshot("0", "weighted", 0, Overall.ONLINE, ())
+    assert (
+        bus.ManagerInterface(bus.BusService(controller=None), none).variants()["HookProblems"].value
+        == []
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import uplinkd
 from dbus_fast import Variant
-from uplinkd import ctl
+from uplinkd import bus, ctl
+from uplinkd.status import LinkStatus, Overall, Snapshot
 
 NOW = 1_700_000_000.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +135,24 @@ def test_status_table_columns_follow_the_longest_cell() -> None:
 def test_status_table_without_links() -> None:
     text = ctl.status_table(({**MANAGER, "OverallState": "offline"}, []), NOW)
     assert text == "uplinkd 0.1.0: offline, generation 12, mode weighted\n(no links)\n"
+
+
+def test_status_shows_the_hook_problems_the_daemon_publishes() -> None:
+    """From the daemon's snapshot through the bus adapter's GetStatus values to the table: one
+    `hook problem:` line per failure, under the links; none when every hook works."""
+    problem = "/etc/uplinkd/firewall/10.web.py:2: syntax error: invalid syntax; it adds nothing"
+    links = (
+        LinkStatus("DSL", "eth0", "up", NOW - 192, True, 3, 1, "", "", 12.34, -1.0, 0.0, 0, 0, 1.0),
+    )
+    for problems, expected in (((problem,), [f"hook problem: {problem}"]), ((), [])):
+        snapshot = Snapshot("0.1.0", "weighted", 12, Overall.ONLINE, links, problems)
+        manager = bus.ManagerInterface(bus.BusService(controller=None), snapshot).variants()
+        link_values = [bus.LinkInterface(status).variants() for status in snapshot.links]
+        status = ctl.unwrap_status([manager, link_values])
+        lines = ctl.status_table(status, NOW).splitlines()
+        assert lines[3:] == expected
+        assert lines[2].startswith("DSL ")
+        assert json.loads(ctl.status_json(status))["manager"]["HookProblems"] == list(problems)
 
 
 def test_learned_table_and_json() -> None:
