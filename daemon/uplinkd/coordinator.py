@@ -38,6 +38,7 @@ from .model import Config
 from .netlink import EventKind, NetEvent, NetlinkWatcher
 from .notify import Mailer
 from .plan import LinkFacts, Plan
+from .planner import Extras
 from .probe import ProbeRound
 from .probing import Probers
 from .publishing import Publisher, TransitionListener
@@ -50,6 +51,11 @@ PlanListener = Callable[[int], None]  # called with the new generation after an 
 
 class UnknownLinkError(UplinkdError):
     """A request named a link or device that the configuration does not have."""
+
+
+class _RebuildWaits(Exception):  # noqa: N818 (a signal between two methods, not an error)
+    """The plan needs a rebuild that waits for the pre-run/ lines, and no plan with the
+    structure in the kernel can be applied meanwhile: nothing was applied."""
 
 
 @dataclass
@@ -86,6 +92,10 @@ class Coordinator:
         self.applies = 0
         self.plan_listeners: list[PlanListener] = []
         self.plan: Plan | None = None  # the last plan applied
+        # What the ruleset's structure in the kernel was planned from (configuration, hooks):
+        # while a rebuild waits for its pre-run/ lines, applies plan with these (maps only).
+        self._in_kernel: tuple[Config, Extras] | None = None
+        self._rebuild_waits = False  # the last apply left a rebuild to the pre-run/ lines' end
         self.measurements = Measurements(clock)
         self._pending = _Pending()
         self._forget_errors: dict[str, str] = {}  # link -> the last failure to forget, as logged
@@ -110,6 +120,8 @@ class Coordinator:
         self._build_links(self._adopted_up())
         await self._run_hooks()
         report = await self._apply()
+        if self._rebuild_waits:  # pre-run/ lines go first, as in Net-ISP-Balance
+            report = await self._rebuild_after_pre_run() or report
         self.hook_runner.start()
         self._watcher = NetlinkWatcher([link.device for link in self.config.links], self._on_net)
         self._spawn(self._watcher.run())
@@ -149,7 +161,22 @@ class Coordinator:
             raise
         if self._watcher is not None:
             self._watcher.set_devices([link.device for link in config.links])
+        # A rebuild left to the pre-run/ lines goes in when they end (their end schedules it):
+        # the kernel has checked it, and a reload waiting for them would hold up SIGTERM.
         self.probers.start(self.config, self.facts)
+        return report
+
+    async def _rebuild_after_pre_run(self) -> ApplyReport | None:
+        """Start: the rebuild that waits for the pre-run/ lines (each time-boxed), applied once
+        they are done. No lock is held while they run. A failure is retried like any apply."""
+        report = None
+        while self._rebuild_waits and not self.hook_runner.stopped:
+            await self.hook_runner.pre_run_finished()
+            try:
+                report = await self._apply()
+            except UplinkdError:
+                self._schedule()  # logged and retried there
+                return None
         return report
 
     @property
@@ -396,12 +423,16 @@ class Coordinator:
     async def _apply(self) -> ApplyReport | None:
         async with self._apply_lock:
             self._pending.dirty = False
+            self._rebuild_waits = False
             if not self.facts:
                 log.warning("no link has a usable device yet; the kernel stays as it is")
                 return None
             forget, self._pending.forget = self._pending.forget, set()
             try:
                 report = await self._apply_routable()
+            except _RebuildWaits:
+                self._pending.forget |= forget  # owed to the apply after the pre-run/ lines
+                return None
             except BaseException:
                 self._pending.forget |= forget  # still owed once an apply succeeds
                 raise
@@ -478,21 +509,19 @@ class Coordinator:
         # background and a different result is applied then. The loop never waits for them.
         self.hook_runner.want(self.config, facts, usable)
         while True:  # each refused hook file leaves the hooks' result: bounded by the files
-            plan = planner.plan(
-                self.config,
-                facts,
-                usable,
-                self.hook_runner.state.extras,
-                measures=self.measures(),
-                previous=self.plan.choices if self.plan else None,
-            )
+            extras = self.hook_runner.state.extras
+            plan = self._plan(self.config, extras, facts, usable)
             try:
-                report = await self.datapath.apply(self.ipr, plan, pre_run=self.hook_runner.pre_run)
+                if self._waits_for_pre_run(plan):
+                    plan = self._plan_in_place(facts, usable)
+                report = await self.datapath.apply(self.ipr, plan)
             except HookError as exc:
                 if self.hook_runner.refuse_nft(exc):
                     continue  # the plan without that file's lines, at once
                 raise
             break
+        if not self._rebuild_waits:
+            self._in_kernel = (self.config, extras)
         if report.rebuilt:
             self.hook_runner.after_apply()
         self.applies += 1
@@ -509,6 +538,39 @@ class Coordinator:
             "applied generation %d, links in use: %s (%s)", self.generation, up, report.describe()
         )
         return report
+
+    def _plan(
+        self, config: Config, extras: Extras, facts: Sequence[LinkFacts], usable: set[str]
+    ) -> Plan:
+        previous = self.plan.choices if self.plan else None
+        return planner.plan(
+            config, facts, usable, extras, measures=self.measures(), previous=previous
+        )
+
+    def _waits_for_pre_run(self, plan: Plan) -> bool:
+        """Whether the plan is a rebuild that must wait for the pre-run/ lines; if so they are
+        started (in the background) and the kernel has checked the plan already, so that a
+        refusal is known now (a reload is refused at once), not after them."""
+        if self.hook_runner.pre_run_ready() or not self.datapath.backend.needs_rebuild(plan):
+            return False
+        self.datapath.backend.check(plan)
+        self.hook_runner.start_pre_run()
+        self._rebuild_waits = True
+        return True
+
+    def _plan_in_place(self, facts: Sequence[LinkFacts], usable: set[str]) -> Plan:
+        """While a rebuild waits for the pre-run/ lines: the plan from what the structure in
+        the kernel was planned from, with the links usable now, if that is a map update (the
+        same links in the same order, so marks and tables are the same). Else _RebuildWaits."""
+        if self._in_kernel is None:
+            raise _RebuildWaits
+        config, extras = self._in_kernel
+        if [link.name for link in config.links] != self._names():
+            raise _RebuildWaits
+        plan = self._plan(config, extras, facts, usable)
+        if self.datapath.backend.needs_rebuild(plan):
+            raise _RebuildWaits
+        return plan
 
     def snapshot(self) -> Snapshot:
         """Everything a status display shows, as of now."""

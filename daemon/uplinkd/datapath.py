@@ -12,6 +12,8 @@ report names the device, so the caller keeps retrying it on its own.
 
 Hook command lines are the caller's: `pre_run` is awaited before a rebuild (the ruleset's
 structure changes), and the report says whether there was one (routes/ and post-run/ follow it).
+The daemon passes none: it runs pre-run/ beside the loop before asking for the rebuild
+(coordinator, hookrunner), so that no apply waits for them.
 """
 
 from __future__ import annotations

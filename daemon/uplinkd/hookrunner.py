@@ -16,9 +16,11 @@
 - firewall/ lines (and B.nft lines) that the kernel refuses: the apply is made again at once
   without that file's lines, which stay out until the file changes or a reload.
 - Command lines: routes/ and post-run/ run after an apply that rebuilt the ruleset, in the
-  background (in order, one run at a time, a newer run replacing one that has not started);
-  pre-run/ lines run before a rebuild, and that apply waits for them (never the loop; a failover
-  is a map update, not a rebuild). Each is time-boxed, its output cut short (hooks.run_command).
+  background (in order, one run at a time, a newer run replacing one that has not started).
+  pre-run/ lines run before a rebuild, also in the background (`start_pre_run`): the rebuild
+  waits for them, but no apply does, and no lock is held meanwhile (the coordinator keeps the
+  structure in the kernel, so a failover is still a map update); their end schedules an apply.
+  Each line is time-boxed, its output cut short (hooks.run_command).
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class HookRunner:
         self._watch_task: asyncio.Task[None] | None = None
         self._commands_task: asyncio.Task[None] | None = None
         self._pending: list[hooks.CommandLine] | None = None
+        # The pre-run/ lines last run to their end (or time limit) since the last rebuild.
+        self._pre_run_done: tuple[hooks.CommandLine, ...] | None = None
+        self._pre_run_task: asyncio.Task[None] | None = None
+        self.stopped = False
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -168,7 +174,9 @@ class HookRunner:
 
     async def stop(self) -> None:
         """Stop watching; a hook or command still running is killed with its process group."""
-        tasks = [task for task in (self._watch_task, self._commands_task) if task is not None]
+        self.stopped = True
+        running = (self._watch_task, self._commands_task, self._pre_run_task)
+        tasks = [task for task in running if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -252,12 +260,39 @@ class HookRunner:
 
     # --- command lines ---
 
-    async def pre_run(self) -> None:
-        """pre-run/ lines, before a rebuild: the apply waits for them (each time-boxed)."""
-        self._record(await hooks.run_commands(self.state.commands, {"pre-run"}))
+    def _pre_run_lines(self) -> tuple[hooks.CommandLine, ...]:
+        return tuple(command for command in self.state.commands if command.stage == "pre-run")
+
+    def pre_run_ready(self) -> bool:
+        """Whether a rebuild may go in: the pre-run/ lines in force (if any) have run since the
+        last rebuild. A line that failed or was killed at its limit has run (and is a problem)."""
+        lines = self._pre_run_lines()
+        return not lines or lines == self._pre_run_done
+
+    def start_pre_run(self) -> None:
+        """Run the pre-run/ lines in the background, unless they are running; when they are
+        done, an apply is scheduled (the rebuild that waited for them)."""
+        if not self.stopped and (self._pre_run_task is None or self._pre_run_task.done()):
+            lines = len(self._pre_run_lines())
+            log.info("pre-run/: %d line(s) run before the rebuild; until then, maps only", lines)
+            self._pre_run_task = asyncio.create_task(self._run_pre_run())
+
+    async def _run_pre_run(self) -> None:
+        while not self.pre_run_ready():  # the lines changed while they ran: the new ones
+            lines = self._pre_run_lines()
+            self._record(await hooks.run_commands(lines, {"pre-run"}))
+            self._pre_run_done = lines
+        self._on_change()
+
+    async def pre_run_finished(self) -> None:
+        """Wait until the pre-run/ lines started last are done (each line time-boxed)."""
+        if self._pre_run_task is not None:
+            await asyncio.wait([self._pre_run_task])  # a waiter cancelled leaves the run alone
 
     def after_apply(self) -> None:
-        """routes/ and post-run/ lines after a rebuild, in the background."""
+        """After a rebuild: routes/ and post-run/ lines, in the background; the next rebuild
+        runs the pre-run/ lines again first, as Net-ISP-Balance ran them at every rebuild."""
+        self._pre_run_done = None
         commands = [command for command in self.state.commands if command.stage in AFTER_STAGES]
         if not commands:
             return
