@@ -23,7 +23,7 @@ from typing import Any
 
 import uplinkd
 
-from . import apply_latency, balance, device_events, failover, footprint, overhead, report
+from . import apply_latency, balance, device_events, failover, faults, footprint, overhead, report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "latest.json"
@@ -41,6 +41,7 @@ def _sections(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]
         "balance": lambda: balance.run(args.connections, _log),
         "overhead": lambda: overhead.run(args.pairs, args.seconds, args.rate_connections, _log),
         "footprint": lambda: footprint.run(args.footprint_seconds, _log),
+        "faults": lambda: faults.run(args.fault_trials, args.fuzz_files, args.fault_classes, _log),
     }
 
 
@@ -82,7 +83,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--only",
         default="",
         help="comma-separated sections: "
-        + ", ".join(["failover", "devices", "apply", "balance", "overhead", "footprint"]),
+        + ", ".join(["failover", "devices", "apply", "balance", "overhead", "footprint", "faults"]),
     )
     p.add_argument("--trials", type=int, default=10, help="failover trials per setting and fault")
     p.add_argument("--device-trials", type=int, default=6, help="trials per device event and link")
@@ -98,6 +99,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=2.0, help="of bulk transfer per run")
     p.add_argument("--rate-connections", type=int, default=4000, help="per run (overhead)")
     p.add_argument("--footprint-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--fault-trials",
+        type=int,
+        default=2,
+        help="faults: carrier-loss trials per case, and kill -9 repeats",
+    )
+    p.add_argument("--fuzz-files", type=int, default=500, help="faults: files per fuzzing set")
+    p.add_argument(
+        "--fault-classes",
+        default="",
+        help="faults: comma-separated classes (default all): " + ", ".join(faults.CLASSES),
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--report", type=Path, help="only render the tables of this results file")
     return p.parse_args(argv)

@@ -203,6 +203,63 @@ def device_events(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _figure(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _optional(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def faults(results: dict[str, Any]) -> list[str]:
+    budget = results["method"]["failover_budget_s"]
+    rows = [
+        "| class | case: what was tried | runs | carrier-loss failover meanwhile (median / p95, n)"
+        f" | p95 / baseline p95 | p95 within {fmt_ms(budget)} | connections failed / made"
+        " | applies | daemon CPU | peak RSS | SIGTERM to exit | other figures |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases = results["cases"]
+    base = next((c for c in cases if c["fault_class"] == "baseline"), None)
+    base_p95 = base["failover"]["failover_s"]["p95"] if base and base["failover"] else None
+    for case in cases:
+        over = (case["failover"] or {}).get("failover_s")
+        if over and over["p95"] is not None:
+            trials = case["failover"]["trials"]
+            n = f"{over['n']} of {trials}" if over["n"] != trials else str(trials)
+            active = case["active_at_cut"]
+            if active and not all(active):
+                n += f", fault active at {sum(active)}"
+            failover_cell = f"{_pair(over)}, {n}"
+            ratio = f"{over['p95'] / base_p95:.2f}" if base_p95 else "n/a"
+            met = "yes" if over["p95"] <= budget else "**no**"
+        else:
+            failover_cell, ratio, met = "n/a", "", ""
+        failed = (
+            f"{case['failed_connections']} / {case['attempts']}"
+            if case["attempts"] is not None
+            else "n/a"
+        )
+        other = "; ".join(f"{label}: {_figure(value)}" for label, value in case["outcome"])
+        if case["errors"]:
+            other += ("; " if other else "") + "**errors**: " + "; ".join(case["errors"])
+        applies = _optional(case["applies"], "{:.0f}")
+        cpu = _optional(case["cpu_s"], "{:.1f} s")
+        rss = _optional(case["peak_rss_mib"], "{:.0f} MiB")
+        rows.append(
+            f"| {case['fault_class']} | {case['case']}: {case['tried']} | {case['repeats']}"
+            f" | {failover_cell} | {ratio} | {met} | {failed} | {applies} | {cpu} | {rss}"
+            f" | {fmt_ms(case['stop_s'])} | {other.replace('|', '/')} |"
+        )
+    return rows
+
+
 SECTIONS = {
     "failover": ("Failover and recovery (median / p95)", failover),
     "devices": ("Device events on each link (median / p95)", device_events),
@@ -210,6 +267,7 @@ SECTIONS = {
     "balance": ("Balance accuracy", balance),
     "overhead": ("Datapath overhead", overhead),
     "footprint": ("Footprint", footprint),
+    "faults": ("Fault suite", faults),
 }
 
 

@@ -1,0 +1,254 @@
+"""Fault classes of the daemon process itself: kill -9, reloads, flapping (issue 12).
+
+- ``kill9``: under churn load and one long TCP stream (a download shaped to 50 Mbit/s on ISP1),
+  the daemon is killed with SIGKILL, left dead 1 s and started again with the same
+  configuration; the restart must adopt the datapath in place (its first apply says
+  `netfilter: none` and changes no route or rule). Connections failed from the kill to 1 s after
+  the restart's first apply, whether the stream lived, then a carrier-loss trial on the
+  restarted daemon.
+- ``reloads``: one daemon under churn load: 50 SIGHUPs 20 ms apart; four broken files, each
+  with a SIGHUP (refused with file:line, the kernel unchanged); a file that changes the links
+  (ISP2 made the primary, then back) and one that removes ISP2 (then back).
+- ``flapping``: one daemon under churn load: ISP1's carrier changed 100 times in 20 s (down and
+  up every 200 ms); applies, failed connections, and the final state: ISP2 never went down, every
+  connection in the last 2 s succeeded, and the daemon's last apply uses the links whose carrier
+  is up (ISP1 may be held by flap damping, which is what damping is for).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from uplinkd.lab import BULK_PORT, INET_HOST, Lab, LabError
+
+from .failover import TrialError
+from .fault_kit import Case, Load, Watched, carrier_trials, wait_until
+from .monitors import LINKS
+
+STREAM_MBIT = 50
+STREAM_S = 8.0
+DEAD_S = 1.0
+SIGHUPS = 50
+SIGHUP_GAP_S = 0.020
+FLAPS = 100
+FLAP_GAP_S = 0.200
+QUIET_S = 2.0
+
+PRIMARY_SWAPPED = LINKS.replace("priority = 1", "priority = 9").replace(
+    "priority = 2", "priority = 1"
+)
+WITHOUT_ISP2 = re.sub(r'\[\[link\]\]\nname = "ISP2".*?\n\n', "", LINKS, flags=re.S)
+BROKEN = {
+    "TOML syntax": LINKS + "\n[monitor\n",
+    "unknown key": LINKS.replace('device = "wan2"', 'device = "wan2"\nwieght = 3'),
+    "bad value": LINKS.replace("priority = 2", "priority = -4"),
+    "unknown device": LINKS.replace('device = "wan2"', 'device = "wan9"'),
+}
+
+
+class Stream:
+    """One long download through the router (lab.download in a thread)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.mbit_s: float | None = None
+        self.error = ""
+
+        def receive() -> None:
+            try:
+                got = lab.download(lab.ns_lan, INET_HOST, BULK_PORT, seconds=STREAM_S)
+                self.mbit_s = got.mbit_s
+            except (LabError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+        self.thread = threading.Thread(target=receive, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(timeout=STREAM_S + 30)
+
+
+def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
+    case = Case("process", "kill9", "kill -9 under load and a 50 Mbit/s stream; restart", 0)
+    lab.start_bulk_server(lab.ns_inet, INET_HOST)
+    lab.set_bandwidth(1, STREAM_MBIT)
+    adopted = untouched = streams_alive = 0
+    restart_ready: list[float] = []
+    try:
+        for index in range(trials):
+            first = second = None
+            load: Load | None = None
+            try:
+                first = Watched(lab, tmp / f"kill9-{index}")
+                since_first = first.mark()
+                load = Load(lab)
+                stream = Stream(lab)
+                time.sleep(2.0)
+                t_kill = time.monotonic()
+                first.kill()
+                first.into(case, since_first)
+                time.sleep(DEAD_S)
+                begin = time.monotonic()
+                second = Watched(lab, first.runner.workdir, clean=False, wait_up=False)
+                t_ready = time.monotonic()
+                restart_ready.append(t_ready - begin)
+                time.sleep(1.0)
+                case.add("failed_connections", load.failed(t_kill, t_ready + 1.0))
+                case.add("attempts", len(load.between(t_kill, t_ready + 1.0)))
+                first_apply = next(x for x in second.daemon.log.lines if "applied generation" in x)
+                adopted += "adopting the datapath in place" in second.log_text
+                untouched += "netfilter: none; routes +0/-0; rules +0/-0" in first_apply
+                load.stop()
+                load = None
+                stream.join()
+                if stream.mbit_s is not None:
+                    streams_alive += 1
+                else:
+                    case.errors.append(f"stream: {stream.error}")
+                since_second = second.mark()
+                carrier_trials(second, case, 1)
+                second.stop()
+                second.into(case, since_second)
+                case.repeats += 1
+            except (TrialError, OSError, subprocess.SubprocessError, AssertionError) as exc:
+                case.errors.append(str(exc).splitlines()[0])
+            finally:
+                if load is not None:
+                    load.stop()
+                for watched in (first, second):
+                    if watched is not None:
+                        watched.stop()
+                if first is not None:
+                    first.runner.run(first.config, "--stop", check=False)
+                lab.set_link(1, up=True)
+    finally:
+        lab.set_bandwidth(1, None)
+    case.note("restarts that adopted", f"{adopted}/{case.repeats}")
+    case.note("first apply `netfilter: none`, no route/rule change", f"{untouched}/{case.repeats}")
+    case.note("streams unbroken", f"{streams_alive}/{case.repeats}")
+    if restart_ready:
+        case.note("restart to first apply (max)", f"{max(restart_ready):.2f} s")
+    log(f"  process/kill9: {case.describe()}")
+    return case
+
+
+def _reload(watched: Watched, text: str, timeout: float = 10.0) -> tuple[int, float]:
+    """Write `text`, SIGHUP; wait until the reload was applied or refused. (log mark, time)"""
+    watched.config.write_text(text)
+    mark = watched.mark()
+    sent = time.monotonic()
+    watched.daemon.send(signal.SIGHUP)
+    wait_until(
+        lambda: watched.applies(mark) > 0 or watched.count("reload refused", mark) > 0, timeout
+    )
+    return mark, sent
+
+
+def reloads(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
+    case = Case("process", "reloads", "50 SIGHUPs; 4 broken files; files that change the links")
+    watched = Watched(lab, tmp / "reloads")
+    since = watched.mark()
+    load = Load(lab)
+    try:
+        # 50 SIGHUPs in a row (the daemon may merge those that arrive during a reload).
+        mark, begin = watched.mark(), time.monotonic()
+        for _ in range(SIGHUPS):
+            watched.daemon.send(signal.SIGHUP)
+            time.sleep(SIGHUP_GAP_S)
+        time.sleep(QUIET_S)
+        case.note(
+            "SIGHUPs sent / reloads logged", f"{SIGHUPS}/{watched.count('SIGHUP: reloading', mark)}"
+        )
+        case.note("applies during the SIGHUPs", watched.applies(mark))
+        case.note("failed connections during the SIGHUPs", load.failed(begin))
+        # Broken files: each refused with file:line, the kernel as it was.
+        named = unchanged = 0
+        for text in BROKEN.values():
+            before = watched.runner.kernel_state()
+            mark, _ = _reload(watched, text)
+            refusal = [x for x in watched.daemon.log.lines[mark:] if "reload refused" in x]
+            named += (
+                bool(refusal)
+                and re.search(rf"{re.escape(str(watched.config))}:\d+", refusal[0]) is not None
+            )
+            unchanged += watched.runner.kernel_state() == before
+        _reload(watched, LINKS)
+        case.note("broken files refused naming file:line", f"{named}/{len(BROKEN)}")
+        case.note("kernel unchanged by a broken file", f"{unchanged}/{len(BROKEN)}")
+        # Files that change the links.
+        _, sent = _reload(watched, PRIMARY_SWAPPED)
+        moved = load.client.wait_for(lambda r: r.isp == "ISP2" and r.start >= sent, 10)
+        case.note(
+            "ISP2 made primary: new connections moved in", _ms(moved.end - sent if moved else None)
+        )
+        _, sent = _reload(watched, LINKS)
+        back = load.client.wait_for(lambda r: r.isp == "ISP1" and r.start >= sent, 10)
+        case.note("and back in", _ms(back.end - sent if back else None))
+        mark, _ = _reload(watched, WITHOUT_ISP2)
+        _reload(watched, LINKS)
+        case.note("ISP2 removed and added again: applies", watched.applies(mark))
+        time.sleep(0.5)
+        case.add("failed_connections", load.failed(begin))
+        case.add("attempts", len(load.between(begin)))
+        by_isp = load.by_isp(begin)
+        case.note("connections by ISP", by_isp)
+    except (TrialError, OSError, subprocess.SubprocessError, AssertionError) as exc:
+        case.errors.append(str(exc).splitlines()[0])
+    finally:
+        load.stop()
+        watched.stop()
+        watched.into(case, since)
+        watched.runner.run(watched.config, "--stop", check=False)
+    log(f"  process/reloads: {case.describe()}")
+    return case
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def flapping(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
+    case = Case(
+        "process", "flapping", f"{FLAPS} carrier changes of ISP1 in {FLAPS * FLAP_GAP_S:.0f} s"
+    )
+    watched = Watched(lab, tmp / "flapping")
+    since = watched.mark()
+    load = Load(lab)
+    try:
+        begin = time.monotonic()
+        for change in range(FLAPS):
+            lab.set_link(1, up=change % 2 == 1)  # down first, up last
+            time.sleep(max(0.0, begin + (change + 1) * FLAP_GAP_S - time.monotonic()))
+        ended = time.monotonic()
+        time.sleep(QUIET_S + 1.0)
+        case.note("flapping lasted", f"{ended - begin:.1f} s")
+        transitions = [
+            x for x in watched.daemon.log.lines[since:] if "link ISP1: " in x and " -> " in x
+        ]
+        case.note("ISP1 transitions logged", len(transitions))
+        case.note("flap damping engaged", "flap damping" in watched.log_text)
+        case.note("ISP2 went down", watched.count("link ISP2: up -> ", since))
+        last = [x for x in watched.daemon.log.lines if "applied generation" in x][-1]
+        in_use = last.split("links in use: ")[1].split(" (")[0]
+        case.note("links in use at the end", in_use)
+        tail = load.between(time.monotonic() - 2.0)
+        case.note(
+            "connections failed in the last 2 s", f"{sum(not r.ok for r in tail)}/{len(tail)}"
+        )
+        case.add("failed_connections", load.failed(begin))
+        case.add("attempts", len(load.between(begin)))
+    except (TrialError, OSError, subprocess.SubprocessError, AssertionError, IndexError) as exc:
+        case.errors.append(str(exc).splitlines()[0])
+    finally:
+        load.stop()
+        lab.set_link(1, up=True)
+        watched.stop()
+        watched.into(case, since)
+        watched.runner.run(watched.config, "--stop", check=False)
+    log(f"  process/flapping: {case.describe()}")
+    return case
