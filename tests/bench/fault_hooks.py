@@ -213,8 +213,8 @@ def _case_figures(case: Case, name: str, watched: Watched, out: Path | None) -> 
         planted = [
             line for line in lines if line.split()[0].endswith(("/zz", "/50-link", "/10-root"))
         ]
-        case.add_figure("planted or linked hooks run", len(planted))
-        case.add_figure("root's hook runs", len(lines) - len(planted))
+        case.add_figure("runs of hooks in up.d or through a symlink", len(planted))
+        case.add_figure("runs of down.d/99-record (root's)", len(lines) - len(planted))
         case.add_figure("refusals logged", text.count(": refused: "))
 
 

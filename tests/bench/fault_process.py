@@ -48,7 +48,7 @@ BROKEN = {
     "TOML syntax": LINKS + "\n[monitor\n",
     "unknown key": LINKS.replace('device = "wan2"', 'device = "wan2"\nwieght = 3'),
     "bad value": LINKS.replace("priority = 2", "priority = -4"),
-    "unknown device": LINKS.replace('device = "wan2"', 'device = "wan9"'),
+    "no LAN device": LINKS.replace('device = "lan0"', 'device = "lan9"'),
 }
 
 
@@ -77,7 +77,7 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
     case = Case("process", "kill9", "kill -9 under load and a 50 Mbit/s stream; restart", 0)
     lab.start_bulk_server(lab.ns_inet, INET_HOST)
     lab.set_bandwidth(1, STREAM_MBIT)
-    adopted = untouched = streams_alive = 0
+    adopted = untouched = streams_alive = control_failed = control_made = 0
     restart_ready: list[float] = []
     try:
         for index in range(trials):
@@ -88,8 +88,12 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
                 since_first = first.mark()
                 load = Load(lab)
                 stream = Stream(lab)
+                t_load = time.monotonic()
                 time.sleep(2.0)
                 t_kill = time.monotonic()
+                # The same load before the kill: what the shaped stream alone costs.
+                control_failed += load.failed(t_load, t_kill)
+                control_made += len(load.between(t_load, t_kill))
                 first.kill()
                 first.into(case, since_first)
                 time.sleep(DEAD_S)
@@ -128,6 +132,9 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
                 lab.set_link(1, up=True)
     finally:
         lab.set_bandwidth(1, None)
+    case.note(
+        "failed / made in the 2 s before each kill (control)", f"{control_failed} / {control_made}"
+    )
     case.note("restarts that adopted", f"{adopted}/{case.repeats}")
     case.note("first apply `netfilter: none`, no route/rule change", f"{untouched}/{case.repeats}")
     case.note("streams unbroken", f"{streams_alive}/{case.repeats}")
