@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab, LabError
+from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab
 
 from tests.integration.conftest import Uplinkd
 
@@ -31,11 +30,9 @@ from .failover import (
     HOLD_S,
     Fault,
     Trial,
-    TrialError,
     _describe,
-    _require,
+    fresh_daemon_trials,
     group_summary,
-    one_fault,
 )
 from .monitors import LINKS
 
@@ -58,22 +55,7 @@ def config_for(isp: int) -> str:
 
 def one_daemon(lab: Lab, runner: Uplinkd, kind: str, isp: int) -> list[Trial]:
     trials = [Trial("uplinkd", kind, isp) for _ in range(TRIALS_PER_DAEMON)]
-    config = runner.write_config(config_for(isp))
-    runner.run(config, "--stop", check=False)
-    lab.run(lab.ns_router, "conntrack", "-F", check=False)
-    daemon = runner.start(config)
-    try:
-        for name in ("ISP1", "ISP2"):
-            _require(daemon.log.wait_for(f"link {name}: init -> up", 12), f"{name} never came up")
-        for trial in trials:
-            one_fault(lab, daemon, trial, fault_of(kind))
-        _require("flap damping" not in daemon.log.text, "flap damping interfered")
-    except (TrialError, LabError, AssertionError, OSError, subprocess.SubprocessError) as exc:
-        for trial in trials:
-            trial.error = trial.error or str(exc).splitlines()[0]
-    finally:
-        daemon.stop()
-    return trials
+    return fresh_daemon_trials(lab, runner, config_for(isp), trials, fault_of(kind))
 
 
 def summarize(trials: list[Trial]) -> dict[str, object]:

@@ -178,16 +178,24 @@ def _since(stamp: float | None, start: float) -> float | None:
 def one_daemon(lab: Lab, runner: Uplinkd, monitor: str) -> list[Trial]:
     """A fresh daemon with `monitor`'s settings and its two trials (silent, then carrier)."""
     trials = [Trial(monitor, fault) for fault in FAULTS]
-    config = runner.write_config(config_text(monitor))
+    return fresh_daemon_trials(lab, runner, config_text(monitor), trials)
+
+
+def fresh_daemon_trials(
+    lab: Lab, runner: Uplinkd, text: str, trials: list[Trial], fault: Fault | None = None
+) -> list[Trial]:
+    """Run `trials` in turn (with `fault`, else each trial's own) on a fresh daemon configured
+    by `text`: its datapath removed and conntrack flushed first. A failure marks every trial."""
+    config = runner.write_config(text)
     runner.run(config, "--stop", check=False)
     lab.run(lab.ns_router, "conntrack", "-F", check=False)
     daemon = runner.start(config)
     try:
         for isp in ("ISP1", "ISP2"):
-            up = daemon.log.wait_for(f"link {isp}: init -> up", interval_s(monitor) * 8 + 10)
-            _require(up, f"{isp} never came up")
+            wait = interval_s(trials[0].monitor) * 8 + 10
+            _require(daemon.log.wait_for(f"link {isp}: init -> up", wait), f"{isp} never came up")
         for trial in trials:
-            one_fault(lab, daemon, trial)
+            one_fault(lab, daemon, trial, fault)
         _require("flap damping" not in daemon.log.text, "flap damping interfered")
     except (TrialError, LabError, AssertionError, OSError, subprocess.SubprocessError) as exc:
         for trial in trials:
