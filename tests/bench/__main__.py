@@ -102,8 +102,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--fault-trials",
         type=int,
-        default=2,
-        help="faults: carrier-loss trials per case, and kill -9 repeats",
+        default=4,
+        help="faults: carrier-loss trials per case (two per daemon), and kill -9 repeats",
     )
     p.add_argument("--fuzz-files", type=int, default=500, help="faults: files per fuzzing set")
     p.add_argument(

@@ -10,9 +10,11 @@
   with a SIGHUP (refused with file:line, the kernel unchanged); a file that changes the links
   (ISP2 made the primary, then back) and one that removes ISP2 (then back).
 - ``flapping``: one daemon under churn load: ISP1's carrier changed 100 times in 20 s (down and
-  up every 200 ms); applies, failed connections, and the final state: ISP2 never went down, every
-  connection in the last 2 s succeeded, and the daemon's last apply uses the links whose carrier
-  is up (ISP1 may be held by flap damping, which is what damping is for).
+  up every 200 ms; ``flapping-slow``: 14 times, 1.6 s apart, long enough for ISP1 to be taken
+  back between losses, so that flap damping must hold it); applies, failed connections, and
+  the final state: ISP2 never went down, every connection in the last 2 s succeeded, and the
+  daemon's last apply uses the links whose carrier is up (ISP1 may be held by flap damping,
+  which is what damping is for).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ STREAM_S = 8.0
 DEAD_S = 1.0
 SIGHUPS = 50
 SIGHUP_GAP_S = 0.020
-FLAPS = 100
-FLAP_GAP_S = 0.200
+# (name, carrier changes, seconds between them): fast flapping, where the link never stays up
+# long enough to be taken back (5 replies in a row at 200 ms), and slow flapping, where it does
+# and flap damping must hold it.
+FLAPPING = {"flapping": (100, 0.200), "flapping-slow": (14, 1.6)}
 QUIET_S = 2.0
 
 PRIMARY_SWAPPED = LINKS.replace("priority = 1", "priority = 9").replace(
@@ -219,18 +223,18 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-def flapping(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
-    case = Case(
-        "process", "flapping", f"{FLAPS} carrier changes of ISP1 in {FLAPS * FLAP_GAP_S:.0f} s"
-    )
-    watched = Watched(lab, tmp / "flapping")
+def flapping(lab: Lab, tmp: Path, name: str, log: Callable[[str], None]) -> Case:
+    changes, gap = FLAPPING[name]
+    tried = f"{changes} carrier changes of ISP1 in {changes * gap:.0f} s"
+    case = Case("process", name, tried)
+    watched = Watched(lab, tmp / name)
     since = watched.mark()
     load = Load(lab)
     try:
         begin = time.monotonic()
-        for change in range(FLAPS):
+        for change in range(changes):
             lab.set_link(1, up=change % 2 == 1)  # down first, up last
-            time.sleep(max(0.0, begin + (change + 1) * FLAP_GAP_S - time.monotonic()))
+            time.sleep(max(0.0, begin + (change + 1) * gap - time.monotonic()))
         ended = time.monotonic()
         time.sleep(QUIET_S + 1.0)
         case.note("flapping lasted", f"{ended - begin:.1f} s")
@@ -247,6 +251,7 @@ def flapping(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
         case.note(
             "connections failed in the last 2 s", f"{sum(not r.ok for r in tail)}/{len(tail)}"
         )
+        case.note("connections in the last 2 s by ISP", load.by_isp(time.monotonic() - 2.0))
         case.add("failed_connections", load.failed(begin))
         case.add("attempts", len(load.between(begin)))
     except (TrialError, OSError, subprocess.SubprocessError, AssertionError, IndexError) as exc:
@@ -257,5 +262,5 @@ def flapping(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
         watched.stop()
         watched.into(case, since)
         watched.runner.run(watched.config, "--stop", check=False)
-    log(f"  process/flapping: {case.describe()}")
+    log(f"  process/{name}: {case.describe()}")
     return case

@@ -78,7 +78,8 @@ def run(trials: int, fuzz_files: int, classes: str, log: Callable[[str], None]) 
         if "process" in chosen:
             cases.append(fault_process.kill9(lab, tmp, trials, log))
             cases.append(fault_process.reloads(lab, tmp, log))
-            cases.append(fault_process.flapping(lab, tmp, log))
+            for name in fault_process.FLAPPING:
+                cases.append(fault_process.flapping(lab, tmp, name, log))
         if "mail" in chosen:
             cases += fault_mail.run(lab, tmp, trials, log)
         if "dbus" in chosen:
