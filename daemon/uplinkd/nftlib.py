@@ -56,20 +56,29 @@ class Nft:
 
     def __init__(self, *, json_output: bool = False) -> None:
         self._lib = _load()
-        self._ctx = self._lib.nft_ctx_new(_NFT_CTX_DEFAULT)
-        if not self._ctx:
-            raise BackendUnavailableError("libnftables could not create a context")
-        self._lib.nft_ctx_buffer_output(self._ctx)
-        self._lib.nft_ctx_buffer_error(self._ctx)
         self.json_output = json_output
-        if json_output:
-            flags = self._lib.nft_ctx_output_get_flags(self._ctx) | _NFT_CTX_OUTPUT_JSON
-            self._lib.nft_ctx_output_set_flags(self._ctx, flags)
+        self._ctx = self._new_context()
+        # Dry runs (check_only) get a context of their own: libnftables 1.0.6 keeps what a dry
+        # run did in its context's cache, so a map flush after a checked rebuild that was not
+        # applied failed with "No such file or directory" (the checked buffer deleted the table).
+        self._check_ctx = self._new_context()
+
+    def _new_context(self) -> Any:
+        ctx = self._lib.nft_ctx_new(_NFT_CTX_DEFAULT)
+        if not ctx:
+            raise BackendUnavailableError("libnftables could not create a context")
+        self._lib.nft_ctx_buffer_output(ctx)
+        self._lib.nft_ctx_buffer_error(ctx)
+        if self.json_output:
+            flags = self._lib.nft_ctx_output_get_flags(ctx) | _NFT_CTX_OUTPUT_JSON
+            self._lib.nft_ctx_output_set_flags(ctx, flags)
+        return ctx
 
     def close(self) -> None:
-        if self._ctx:
-            self._lib.nft_ctx_free(self._ctx)
-            self._ctx = None
+        for ctx in (self._ctx, self._check_ctx):
+            if ctx:
+                self._lib.nft_ctx_free(ctx)
+        self._ctx = self._check_ctx = None
 
     def __enter__(self) -> Nft:
         return self
@@ -79,13 +88,14 @@ class Nft:
 
     def run(self, commands: str, *, check_only: bool = False) -> str:
         """Run a buffer of nft commands as one transaction and return its output."""
-        self._lib.nft_ctx_set_dry_run(self._ctx, check_only)
+        ctx = self._check_ctx if check_only else self._ctx
+        self._lib.nft_ctx_set_dry_run(ctx, check_only)
         try:
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, commands.encode())
+            rc = self._lib.nft_run_cmd_from_buffer(ctx, commands.encode())
         finally:
-            self._lib.nft_ctx_set_dry_run(self._ctx, False)  # noqa: FBT003 - C signature
-        output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
-        error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
+            self._lib.nft_ctx_set_dry_run(ctx, False)  # noqa: FBT003 - C signature
+        output = (self._lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+        error = (self._lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
         if rc != 0:
             raise NftError(error.strip() or f"libnftables returned {rc}")
         return output

@@ -224,3 +224,29 @@ def test_a_bad_firewall_line_added_while_running_leaves_out_its_file_only(
     assert daemon.log.text.count(f"{bad}:2: ") == 1, daemon.log.text
     assert left_out in daemon.log.text
     healthy_link_stayed_up(daemon)
+
+
+def test_a_pre_run_command_that_hangs_does_not_hold_up_failover(lab: Lab, uplinkd: Uplinkd) -> None:
+    """A reload that rebuilds waits for its pre-run/ lines, but a carrier loss meanwhile is
+    applied at once in the structure the kernel holds; the rebuild follows the pre-run/ line."""
+    config = uplinkd.write_config(MONITORED)
+    daemon = start(uplinkd, lab, config)
+    applies = daemon.log.text.count(APPLIED)
+    pre_run = hook(uplinkd, "pre-run/01.slow", "sleep 30.3; true\n")
+    # Seen by the hook runner (stat): a new result (commands only) is applied, as a no-op.
+    assert wait_until(lambda: daemon.log.text.count(APPLIED) > applies, const.HOOK_RESCAN_S + 5)
+    config.write_text(MONITORED + EXTRA_RULE)
+    daemon.send(signal.SIGHUP)
+    assert wait_until(lambda: bool(processes("sleep 30.3")), 10), daemon.log.text
+    ruleset = ("nft", "list", "table", "inet", "uplinkd")
+    assert "dport 9" not in lab.run(lab.ns_router, *ruleset).stdout  # waits for pre-run/
+    fail_over(lab, daemon)
+    assert processes("sleep 30.3"), "the pre-run/ line ended before the failover was measured"
+    # Killed at its limit, then the rebuild goes in (without ISP1).
+    assert wait_until(lambda: not processes("sleep 30.3"), AFTER_LIMIT_S)
+    assert wait_until(lambda: "dport 9" in lab.run(lab.ns_router, *ruleset).stdout, 5)
+    assert daemon.log.text.count(f"{pre_run}:1: killed after") == 1, daemon.log.text
+    assert "apply failed" not in daemon.log.text
+    counts = lab.connect_many(lab.ns_lan, INET_HOST, 80, 40, timeout=1.0).counts_by_isp()
+    assert counts == {"ISP1": 0, "ISP2": 40}, (counts, daemon.log.text)
+    healthy_link_stayed_up(daemon)
