@@ -45,10 +45,13 @@ class FakeController:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     fail: Exception | None = None  # raised by set_enabled, once recorded
     refuse: UplinkdError | None = None  # raised by reload, once recorded
+    hook_problems: tuple[str, ...] = ()
 
     def snapshot(self) -> Snapshot:
         links = tuple(self.links)
-        return Snapshot(self.version, "weighted", self.generation, overall(links), links)
+        return Snapshot(
+            self.version, "weighted", self.generation, overall(links), links, self.hook_problems
+        )
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         names = [status.name for status in self.links]

@@ -181,6 +181,7 @@ def test_status_properties_and_managed_objects(bus: PrivateBus) -> None:
             "Mode": "weighted",
             "Generation": 3,
             "OverallState": "online",
+            "HookProblems": [],
         }
         assert [link["Name"].value for link in links] == ["ISP1", "ISP2"]
         isp1 = links[0]
@@ -347,6 +348,35 @@ def test_signals(bus: PrivateBus) -> None:
         h.fake.links[1] = replace(h.fake.links[1], latency_ms=30.0, rx_bps=9000)
         changed = await h.signal("PropertiesChanged", link_path("ISP2"), timeout=3.0)
         assert changed.body[1] == {"LatencyMs": Variant("d", 30.0), "RxBps": Variant("t", 9000)}
+
+    run(bus, scenario)
+
+
+def test_hook_problems_are_published(bus: PrivateBus) -> None:
+    """A hook failure appears in HookProblems (Get, GetStatus) with a PropertiesChanged at the
+    next check, and goes away the same way when the hook works again."""
+    problem = "/etc/uplinkd/firewall/10.web.py:2: syntax error: invalid syntax; it adds nothing"
+
+    async def problems(h: Harness) -> list[str]:
+        [value] = await h.ok(*MANAGER[:1], PROPERTIES, "Get", "ss", *MANAGER[1:], "HookProblems")
+        assert value.signature == "as"
+        return list(value.value)
+
+    async def scenario(h: Harness) -> None:
+        assert await problems(h) == []
+        h.fake.hook_problems = (problem,)
+        changed = await h.signal("PropertiesChanged", const.BUS_PATH, timeout=3.0)
+        assert changed.body[0] == MANAGER_INTERFACE
+        assert changed.body[1] == {"HookProblems": Variant("as", [problem])}
+        assert await problems(h) == [problem]
+        manager, _ = await h.ok(*MANAGER, "GetStatus")
+        assert manager["HookProblems"] == Variant("as", [problem])
+
+        h.signals.clear()
+        h.fake.hook_problems = ()
+        changed = await h.signal("PropertiesChanged", const.BUS_PATH, timeout=3.0)
+        assert changed.body[1] == {"HookProblems": Variant("as", [])}
+        assert await problems(h) == []
 
     run(bus, scenario)
 

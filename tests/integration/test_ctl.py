@@ -143,6 +143,16 @@ def test_status_table(bus_address: str, service: Service) -> None:
     ]
 
 
+def test_status_names_the_hook_problems(bus_address: str, service: Service) -> None:
+    problem = "/etc/uplinkd/pre-run/01.modules:3: exit 1: modprobe nosuch"
+    service.controller.hook_problems = (problem,)
+    done = uplinkctl(bus_address, "status")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[4:] == [f"hook problem: {problem}"]
+    data = json.loads(uplinkctl(bus_address, "status", "--json").stdout)
+    assert data["manager"]["HookProblems"] == [problem]
+
+
 def test_status_json(bus_address: str, service: Service) -> None:
     done = uplinkctl(bus_address, "status", "--json")
     assert (done.returncode, done.stderr) == (0, "")
@@ -152,6 +162,7 @@ def test_status_json(bus_address: str, service: Service) -> None:
         "Mode": "weighted",
         "Generation": 7,
         "OverallState": "degraded",
+        "HookProblems": [],
     }
     assert [entry["Name"] for entry in data["links"]] == ["ISP1", "ISP2"]
     first = data["links"][0]

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -120,10 +120,12 @@ class Subscriber:
                 self._arrived.notify_all()
 
     def saw_state(self, state: str, timeout: float) -> bool:
+        return self.saw(lambda changes: any(c.get("State") == state for c in changes), timeout)
+
+    def saw(self, what: Callable[[list[dict[str, Any]]], bool], timeout: float) -> bool:
+        """Whether the changes received so far satisfy `what`, waiting at most `timeout`."""
         with self._arrived:
-            return self._arrived.wait_for(
-                lambda: any(change.get("State") == state for change in self.changes), timeout
-            )
+            return self._arrived.wait_for(lambda: what(self.changes), timeout)
 
 
 async def disconnect(connection: MessageBus) -> None:
@@ -189,3 +191,60 @@ def test_cutting_isp1_is_seen_by_every_client(bus: PrivateBus, lab2: Lab, uplink
     assert (monitor.returncode, err) == (0, ""), out
     printed = [line.split("  ", 1)[1] for line in out.splitlines()]  # after the time stamp
     assert [line for line in printed if " -> " in line] == ["ISP1: up -> down (carrier lost)"], out
+
+
+def hook_problems(bus: PrivateBus) -> list[str]:
+    value = busctl(
+        bus, "get-property", const.BUS_NAME, const.BUS_PATH, MANAGER_INTERFACE, "HookProblems"
+    )
+    return [str(line) for line in value]
+
+
+def uplinkctl_status(bus: PrivateBus) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "uplinkd.ctl", "--bus-address", bus.address, "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, ""), done.stdout
+    return done.stdout
+
+
+def test_a_broken_hook_is_named_on_the_bus_until_it_is_fixed(
+    bus: PrivateBus, lab2: Lab, uplinkd: Uplinkd
+) -> None:
+    """A .py hook with a syntax error, added while the daemon runs: HookProblems (busctl) and
+    `uplinkctl status` name its file and line, with a PropertiesChanged; fixed, it goes away."""
+    config = uplinkd.write_config(MONITORED.format(extra_target=""))
+    daemon = uplinkd.start(config, bus_address=bus.address)
+    assert daemon.log.wait_for(f"on the system bus as {const.BUS_NAME}"), daemon.log.text
+    assert hook_problems(bus) == []
+    assert "hook problem" not in uplinkctl_status(bus)
+
+    firewall = uplinkd.workdir / "firewall"
+    firewall.mkdir(exist_ok=True)
+    broken = firewall / "10.web.py"
+    with properties_changed(bus, const.BUS_PATH) as subscriber:
+        broken.write_text('B.forward(8080, "192.168.10.35")\ndef broken(:\n')
+        broken.chmod(0o644)
+        # Seen by the hook runner (stat, every HOOK_RESCAN_S), published at the next check.
+        within = const.HOOK_RESCAN_S + SEEN_WITHIN_S
+        assert wait_until(lambda: bool(hook_problems(bus)), within), daemon.log.text
+        [problem] = hook_problems(bus)
+        assert problem.startswith(f"{broken}:2: syntax error"), problem
+        assert f"hook problem: {problem}\n" in uplinkctl_status(bus)
+        assert subscriber.saw(
+            lambda changes: any(c.get("HookProblems") == [problem] for c in changes),
+            SEEN_WITHIN_S,
+        ), subscriber.changes
+
+        broken.write_text('B.forward(8080, "192.168.10.35")\n')
+        assert wait_until(lambda: hook_problems(bus) == [], within), daemon.log.text
+        assert "hook problem" not in uplinkctl_status(bus)
+        assert subscriber.saw(
+            lambda changes: any(c.get("HookProblems") == [] for c in changes), SEEN_WITHIN_S
+        ), subscriber.changes
+    ruleset = ("nft", "list", "ruleset")
+    assert wait_until(lambda: "dport 8080" in lab2.run(lab2.ns_router, *ruleset).stdout, 5)
