@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -262,8 +263,8 @@ def one_set(lab: Lab, tmp: Path, name: str, base: str, count: int) -> Case:
             f"{mode}: refusals naming file:line",
             f"{sum(bool(r['names_line']) for r in refused)}/{len(refused)}",
         )
-        unnamed = sorted({str(r["error"]) for r in refused if not r["names_line"]})
-        case.note(f"{mode}: refusals without a line (distinct messages)", unnamed[:12])
+        unnamed = Counter(_pattern(str(r["error"])) for r in refused if not r["names_line"])
+        case.note(f"{mode}: refusals without a line, by message", dict(unnamed.most_common(8)))
     case.note("-d: kernel changed", sum(bool(r["kernel_changed"]) for r in dry))
     refused_changed = sum(bool(r["kernel_changed"]) for r in once if r["exit"] == 2)
     case.note("--once: refused and kernel changed", refused_changed)
@@ -279,6 +280,12 @@ def one_set(lab: Lab, tmp: Path, name: str, base: str, count: int) -> Case:
     case.note("separate `uplinkd -d` processes agree", f"{agree}/{len(sample)}")
     case.note("tracebacks (examples)", [r["error"] for r in dry + once if r["traceback"]][:5])
     return case
+
+
+def _pattern(message: str) -> str:
+    """A refusal's message with the file and the numbers left out, to count kinds of messages."""
+    text = re.sub(r"\S*/\d{4}\.(?:toml|conf)", "FILE", message).removeprefix("uplinkd: error: ")
+    return re.sub(r"\d+", "N", text)[:200]
 
 
 def run(lab: Lab, tmp: Path, count: int, log: Callable[[str], None]) -> list[Case]:

@@ -96,8 +96,8 @@ class Case:
     attempts: int | None = None
     applies: int | None = None
     cpu_s: float | None = None
-    peak_rss_mib: float | None = None
-    stop_s: float | None = None
+    peak_rss_mib: float | None = None  # the highest of the repeats
+    stop_s: float | None = None  # SIGTERM to exit, the longest of the repeats
     # Carrier-loss trials taken while the fault was active (failover.py's Trial, as dicts).
     trials: list[dict[str, Any]] = field(default_factory=list)
     # How many of those trials found the fault still active at the cut.
@@ -129,11 +129,12 @@ class Case:
         )
 
     def add(self, name: str, value: float | None) -> None:
-        """Add a per-run figure (summed over repeats; the peak memory is the highest)."""
+        """Add a per-run figure: summed over repeats, but for the peak memory and the stop
+        time, where the highest counts."""
         if value is None:
             return
         current = getattr(self, name)
-        if name == "peak_rss_mib":
+        if name in ("peak_rss_mib", "stop_s"):
             setattr(self, name, value if current is None else max(current, value))
         else:
             setattr(self, name, value if current is None else current + value)
