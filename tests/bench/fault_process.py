@@ -82,6 +82,7 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
     lab.start_bulk_server(lab.ns_inet, INET_HOST)
     lab.set_bandwidth(1, STREAM_MBIT)
     adopted = untouched = streams_alive = control_failed = control_made = 0
+    window_failed = window_made = 0
     restart_ready: list[float] = []
     try:
         for index in range(trials):
@@ -106,6 +107,8 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
                 t_ready = time.monotonic()
                 restart_ready.append(t_ready - begin)
                 time.sleep(1.0)
+                window_failed += load.failed(t_kill, t_ready + 1.0)
+                window_made += len(load.between(t_kill, t_ready + 1.0))
                 case.add("failed_connections", load.failed(t_kill, t_ready + 1.0))
                 case.add("attempts", len(load.between(t_kill, t_ready + 1.0)))
                 first_apply = next(x for x in second.daemon.log.lines if "applied generation" in x)
@@ -136,6 +139,9 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
                 lab.set_link(1, up=True)
     finally:
         lab.set_bandwidth(1, None)
+    case.note(
+        "failed / made from the kill to 1 s after the restart", f"{window_failed} / {window_made}"
+    )
     case.note(
         "failed / made in the 2 s before each kill (control)", f"{control_failed} / {control_made}"
     )

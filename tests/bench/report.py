@@ -222,7 +222,8 @@ def faults(results: dict[str, Any]) -> list[str]:
     rows = [
         "| class | case: what was tried | runs | carrier-loss failover meanwhile (median / p95, n)"
         f" | p95 / baseline p95 | p95 within {fmt_ms(budget)} | connections failed / made"
-        " | applies | daemon CPU | peak RSS | SIGTERM to exit (longest) | other figures |",
+        " | applies | daemon CPU (all runs) | peak RSS | SIGTERM to exit (longest)"
+        " | other figures |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cases = results["cases"]
