@@ -25,28 +25,12 @@ from uplinkd import const
 from uplinkd.lab import INET_HOST, Lab
 
 from .conftest import APPLIED, Daemon, Uplinkd, needs_root, wait_until
+from .test_failover import MONITORED as FAILOVER_LINKS
 
 pytestmark = [needs_root, pytest.mark.lab]
 
-MONITORED = """
-[monitor]
-interval_ms = 200
-timeout_ms = 300
-
-[[link]]
-name = "ISP1"
-device = "wan1"
-targets = ["203.0.113.10"]
-
-[[link]]
-name = "ISP2"
-device = "wan2"
-targets = ["203.0.113.10"]
-
-[[lan]]
-name = "LAN"
-device = "lan0"
-"""
+# The failover tests' links: both probe the Internet host through themselves.
+MONITORED = FAILOVER_LINKS.format(extra_target="")
 # A rule more: the ruleset's structure changes, so a reload rebuilds it (and runs routes/).
 EXTRA_RULE = '\n[[rule]]\nname = "extra"\nmatch = { dport = [9] }\nmethod = "weighted"\n'
 
