@@ -32,6 +32,7 @@ from typing import Final
 from .errors import UplinkdError
 from .events import Background, LinkEvent, kill_group
 from .model import MailSettings
+from .threads import in_daemon_thread
 from .validate import SMTPS_PORT, At, parse_smtp_server
 
 log = logging.getLogger(__name__)
@@ -110,33 +111,6 @@ class _SMTP(smtplib.SMTP):
 
 class _SMTPS(smtplib.SMTP_SSL, _SMTP):
     """Implicit TLS over _SMTP's socket: SMTP_SSL wraps what _SMTP._get_socket connected."""
-
-
-async def _in_own_thread(work: Callable[[], None]) -> None:
-    """Run work in a daemon thread: unlike asyncio.to_thread's, the process does not wait for it
-    at exit, so a blocked call (a name lookup) cannot hold up the stop."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if done.done():  # cancelled: nobody waits for the outcome any more
-            return
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-    def run() -> None:
-        error: BaseException | None = None
-        try:
-            work()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon has stopped
-            loop.call_soon_threadsafe(settle, error)
-
-    threading.Thread(target=run, name="uplinkd-mail", daemon=True).start()
-    await done
 
 
 @dataclass
@@ -292,7 +266,7 @@ class Mailer:
             self._send_smtp(message, host, port)
 
         try:
-            await _in_own_thread(send)
+            await in_daemon_thread(send, "uplinkd-mail")
         finally:
             connections.cut()  # after a send that ended, this only closes the duplicates
 

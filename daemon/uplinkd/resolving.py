@@ -2,10 +2,10 @@
 
 A router often starts before its DNS works (the resolver may even sit behind the uplinks uplinkd
 is about to set up), so a name that does not resolve is no configuration error: its link waits
-in `init` while the name is retried with backoff. Resolution runs in the loop's thread pool with
-a timeout (getaddrinfo blocks), so a slow DNS server never delays probing or failover of the
-other links. A name that resolved keeps its address for the life of the daemon, as foolsm kept
-the checkip it resolved at start.
+in `init` while the name is retried with backoff. Resolution runs in a thread of its own with a
+timeout (getaddrinfo blocks), so a slow DNS server never delays probing or failover of the other
+links, nor the daemon's stop. A name that resolved keeps its address for the life of the
+daemon, as foolsm kept the checkip it resolved at start.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
+
+from .threads import in_daemon_thread
 
 log = logging.getLogger("uplinkd")
 
@@ -31,11 +33,12 @@ ResolveFn = Callable[[str], Awaitable[ipaddress.IPv4Address]]
 
 async def resolve_ipv4(host: str, timeout: float = RESOLVE_TIMEOUT_S) -> ipaddress.IPv4Address:
     """The first IPv4 address of host; raises OSError (also on timeout) when there is none."""
-    loop = asyncio.get_running_loop()
+
+    def lookup() -> list[tuple[Any, ...]]:
+        return socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+
     try:
-        found = await asyncio.wait_for(
-            loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_DGRAM), timeout
-        )
+        found = await asyncio.wait_for(in_daemon_thread(lookup, "uplinkd-resolve"), timeout)
     except TimeoutError:
         raise OSError(f"no answer within {timeout:g} s") from None
     return ipaddress.IPv4Address(found[0][4][0])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +160,40 @@ def test_bus_connect_can_be_cut_and_leaves_nothing_open(
 
     asyncio.run(asyncio.wait_for(main(), 10))
     assert closed_by_client(listener)
+
+
+STUCK_LOOKUP = r"""
+import asyncio, socket, sys, time
+from uplinkd import resolving
+
+def stuck(*args, **kwargs):  # a DNS server that never answers: glibc can block this long
+    time.sleep(30)
+    raise socket.gaierror("never")
+
+socket.getaddrinfo = stuck
+
+async def main():
+    try:
+        await resolving.resolve_ipv4("isp.example", timeout=0.2)
+    except OSError as exc:
+        print(exc, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_name_lookup_stuck_at_stop_does_not_hold_up_the_exit() -> None:
+    """The lookup gave up after its time limit; the process then exits at once, not when the
+    blocked getaddrinfo returns (before: 30 s, the default executor was joined at exit)."""
+    begin = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", STUCK_LOOKUP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    took = time.monotonic() - begin
+    assert done.returncode == 0, done.stderr
+    assert "no answer within 0.2 s" in done.stdout
+    assert took < 10, took
