@@ -92,6 +92,7 @@ class Coordinator:
         self.applies = 0
         self.plan_listeners: list[PlanListener] = []
         self.plan: Plan | None = None  # the last plan applied
+        self._rendered: tuple[Plan, str] | None = None  # DryRun's text of a plan, made once
         # What the ruleset's structure in the kernel was planned from (configuration, hooks):
         # while a rebuild waits for its pre-run/ lines, applies plan with these (maps only).
         self._in_kernel: tuple[Config, Extras] | None = None
@@ -590,4 +591,7 @@ class Coordinator:
         """What the datapath holds or is about to: the last plan as nft and ip input."""
         if self.plan is None:
             return "# nothing applied yet\n"
-        return self.datapath.render(self.plan)
+        # Rendered once per plan: any local user may call DryRun as often as they like.
+        if self._rendered is None or self._rendered[0] is not self.plan:
+            self._rendered = (self.plan, self.datapath.render(self.plan))
+        return self._rendered[1]
