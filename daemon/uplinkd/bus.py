@@ -15,6 +15,7 @@ import inspect
 import logging
 import socket
 import string
+import time
 from collections.abc import Callable, Mapping
 from typing import (
     Annotated,
@@ -59,6 +60,10 @@ LINK_PATH_PREFIX: Final = f"{const.BUS_PATH}/link/"
 # Measured values (latency, loss, rates) move with every probe round and counter sample; they are
 # compared with what was last published as often as the counters are sampled.
 PUBLISH_INTERVAL_S: Final = const.RATE_SAMPLE_S
+# A bus that reads nothing of ours for this long is stuck (a hung or stopped dbus-daemon): what
+# uplinkd sends meanwhile would queue without limit, so it leaves the bus and runs on without it.
+# A bus merely slow under a flood of calls keeps taking bytes and is never left.
+BUS_STALL_S: Final = 30.0
 
 
 class ErrorName(enum.StrEnum):
@@ -342,12 +347,15 @@ class _FullBufferWaits:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self.last_sent = time.monotonic()  # when the bus last took bytes from us
 
     def send(self, data: bytes | memoryview) -> int:
         try:
-            return self._sock.send(data)
+            sent = self._sock.send(data)
         except BlockingIOError:
             return 0
+        self.last_sent = time.monotonic()
+        return sent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -362,6 +370,17 @@ class _Bus(MessageBus):
         if isinstance(sock := getattr(writer, "sock", None), socket.socket):
             writer.sock = _FullBufferWaits(sock)
         return self
+
+    def stalled_for(self) -> float:
+        """How long messages have waited while the bus took none of our bytes (0: none wait).
+        Waiting for room, the writer queues every message sent meanwhile, without limit."""
+        writer: Any = getattr(self, "_writer", None)
+        sock = getattr(writer, "sock", None)
+        if not isinstance(sock, _FullBufferWaits):
+            return 0.0
+        if writer.buf is None and not writer.messages:
+            return 0.0
+        return time.monotonic() - sock.last_sent
 
     # dbus-fast announces each export with InterfacesAdded/Removed sent from the exported object's
     # own path; the specification, sd-bus and GDBus send them from the object manager's path, and
@@ -502,6 +521,15 @@ class BusService:
     async def _poll(self) -> None:
         while self.started:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
+            bus = self._bus
+            if bus is not None and bus.stalled_for() > BUS_STALL_S:
+                log.warning(
+                    "D-Bus: the bus has taken nothing uplinkd sent for %g s; leaving it",
+                    BUS_STALL_S,
+                )
+                self._forget()
+                bus.disconnect()
+                break
             self._publish_measurements()
         log.warning("D-Bus: the bus connection is gone; uplinkd runs on without it")
 

@@ -57,6 +57,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 @dataclass(frozen=True)
 class PrivateBus:
     address: str  # as dbus-daemon printed it: unix:path=<tmp>/bus,guid=...
+    pid: int  # dbus-daemon's
 
 
 @contextmanager
@@ -85,7 +86,7 @@ def private_bus(admin_group: str | None = None) -> Iterator[PrivateBus]:
         address = first_line(proc, START_TIMEOUT_S).strip()
         assert address.startswith("unix:"), f"dbus-daemon did not start: {address!r}"
         (tmp / "bus").chmod(0o666)
-        yield PrivateBus(address)
+        yield PrivateBus(address, proc.pid)
     finally:
         if proc is not None:
             proc.terminate()

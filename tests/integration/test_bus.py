@@ -11,9 +11,11 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from uplinkd import bus as bus_module
 from uplinkd import const
 from uplinkd.bus import (
     INTERNAL_MESSAGE,
@@ -488,6 +491,38 @@ def test_a_flood_bigger_than_the_socket_buffer_keeps_the_service_on_the_bus(
         assert version == Variant("s", "9.8.7")
 
     run(bus, scenario)
+
+
+def test_a_bus_that_reads_nothing_is_left_before_what_waits_grows_without_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dbus-daemon stopped (SIGSTOP) while the daemon goes on signalling: its messages queue
+    while it waits for room; once the bus has taken nothing for BUS_STALL_S the service leaves
+    it and runs on (before: the queue grew with every signal for as long as the bus was stuck)."""
+    monkeypatch.setattr(bus_module, "BUS_STALL_S", 1.0)
+    monkeypatch.setattr(bus_module, "PUBLISH_INTERVAL_S", 0.1)
+
+    async def main(stuck: PrivateBus) -> None:
+        service = BusService(controller())
+        await service.start(stuck.address)
+        os.kill(stuck.pid, signal.SIGSTOP)
+        try:
+            begin, sent = time.monotonic(), 0
+            while service.started and time.monotonic() - begin < 10:
+                for _ in range(200):
+                    sent += 1
+                    service.on_plan_applied(sent)
+                await asyncio.sleep(0.05)
+            assert not service.started, f"still on a bus that read nothing of {sent} signals"
+            service.on_plan_applied(sent + 1)  # off the bus: nothing is sent, nothing raised
+        finally:
+            os.kill(stuck.pid, signal.SIGCONT)
+            await service.stop()
+
+    with caplog.at_level(logging.WARNING, logger="uplinkd"), private_bus() as stuck:
+        asyncio.run(asyncio.wait_for(main(stuck), 30))
+    assert "the bus has taken nothing uplinkd sent for 1 s; leaving it" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 def test_a_second_instance_cannot_own_the_name(bus: PrivateBus) -> None:
