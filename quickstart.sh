@@ -15,6 +15,9 @@ DEBS=(nftables libnftables1 iproute2 conntrack iptables dbus procps python3-venv
 # (the legacy iptables backend), which loads libip4tc, libip6tc and libxtables from `iptables`.
 # network-manager is not installed here: on a router it would start managing interfaces. CI
 # installs it (without starting it) for the NetworkManager test, which skips where it is absent.
+# The benchmarks' fault suite also runs D-Bus callers as `nobody`, who cannot run the checkout's
+# venv: the distribution's python3 with dbus-python.
+BENCH_DEBS=(python3-dbus)
 VENV=${UPLINKD_VENV:-.venv}
 
 need_root() {
@@ -26,7 +29,7 @@ need_root() {
 
 install_debs() {
     local missing=()
-    for pkg in "${DEBS[@]}"; do
+    for pkg in "${DEBS[@]}" "$@"; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -63,7 +66,7 @@ case "${1:-}" in
         exec "$VENV/bin/pytest" "${@:2}"
         ;;
     bench)
-        need_root; install_debs; install_venv
+        need_root; install_debs "${BENCH_DEBS[@]}"; install_venv
         exec "$VENV/bin/python" -m tests.bench "${@:2}"
         ;;
     *)
