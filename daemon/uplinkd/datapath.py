@@ -85,6 +85,15 @@ class Datapath:
         self.backend.check(plan)
         if rebuild and pre_run is not None:
             await pre_run()
+        routes, sysctls = await self._apply_routing(ipr, plan)
+        kind = self.backend.apply(plan)
+        return ApplyReport(kind, routes, sysctls, rebuilt=rebuild)
+
+    async def _apply_routing(
+        self, ipr: AsyncIPRoute, plan: Plan
+    ) -> tuple[routing.RoutingChanges, tuple[str, ...]]:
+        """Sysctls, then routes and rules; raises LinkRoutesError if a link in use lost its
+        routes (the netfilter side is then left as it is)."""
         sysctls = self._write_sysctls(plan)
         routes = await routing.sync(ipr, plan)
         refused = {
@@ -97,8 +106,7 @@ class Datapath:
         for device, why in routes.failed.items():
             if device not in {link.device for link in plan.links}:
                 log.warning("device %s: hook routes refused: %s", device, why)
-        kind = self.backend.apply(plan)
-        return ApplyReport(kind, routes, sysctls, rebuilt=rebuild)
+        return routes, sysctls
 
     def render(self, plan: Plan, part: str = "all") -> str:
         """What applying the plan means, as `nft -f` and `ip -batch` input (part: all, nft, ip)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -21,7 +20,7 @@ from uplinkd import conntrack, const, hooks, routing
 from uplinkd.backends.base import ApplyKind
 from uplinkd.backends.fake import FakeBackend
 from uplinkd.coordinator import Coordinator
-from uplinkd.datapath import ApplyReport, Datapath
+from uplinkd.datapath import Datapath
 from uplinkd.link import LinkState
 from uplinkd.model import Config, LanConfig, LinkConfig
 from uplinkd.plan import HookLine, LinkFacts, Plan
@@ -41,21 +40,12 @@ NO_SOCKET = cast(AsyncIPRoute, object())  # NetfilterOnly never uses it
 
 
 class NetfilterOnly(Datapath):
-    """Datapath.apply without routes and sysctls: what a unit test can apply."""
+    """The datapath without routes and sysctls: what a unit test can apply."""
 
-    async def apply(
-        self,
-        ipr: AsyncIPRoute,
-        plan: Plan,
-        *,
-        pre_run: Callable[[], Awaitable[object]] | None = None,
-    ) -> ApplyReport:
-        rebuild = self.backend.needs_rebuild(plan)
-        self.backend.check(plan)
-        if rebuild and pre_run is not None:
-            await pre_run()
-        kind = self.backend.apply(plan)
-        return ApplyReport(kind, routing.RoutingChanges(), (), rebuilt=rebuild)
+    async def _apply_routing(
+        self, ipr: AsyncIPRoute, plan: Plan
+    ) -> tuple[routing.RoutingChanges, tuple[str, ...]]:
+        return routing.RoutingChanges(), ()
 
 
 @pytest.fixture
