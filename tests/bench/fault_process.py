@@ -154,7 +154,7 @@ def kill9(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> Case:
     return case
 
 
-def _reload(watched: Watched, text: str, timeout: float = 10.0) -> tuple[int, float]:
+def reload_with(watched: Watched, text: str, timeout: float = 10.0) -> tuple[int, float]:
     """Write `text`, SIGHUP; wait until the reload was applied or refused. (log mark, time)"""
     watched.config.write_text(text)
     mark = watched.mark()
@@ -187,27 +187,27 @@ def reloads(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
         named = unchanged = 0
         for text in BROKEN.values():
             before = watched.runner.kernel_state()
-            mark, _ = _reload(watched, text)
+            mark, _ = reload_with(watched, text)
             refusal = [x for x in watched.daemon.log.lines[mark:] if "reload refused" in x]
             named += (
                 bool(refusal)
                 and re.search(rf"{re.escape(str(watched.config))}:\d+", refusal[0]) is not None
             )
             unchanged += watched.runner.kernel_state() == before
-        _reload(watched, LINKS)
+        reload_with(watched, LINKS)
         case.note("broken files refused naming file:line", f"{named}/{len(BROKEN)}")
         case.note("kernel unchanged by a broken file", f"{unchanged}/{len(BROKEN)}")
         # Files that change the links.
-        _, sent = _reload(watched, PRIMARY_SWAPPED)
+        _, sent = reload_with(watched, PRIMARY_SWAPPED)
         moved = load.client.wait_for(lambda r: r.isp == "ISP2" and r.start >= sent, 10)
         case.note(
             "ISP2 made primary: new connections moved in", _ms(moved.end - sent if moved else None)
         )
-        _, sent = _reload(watched, LINKS)
+        _, sent = reload_with(watched, LINKS)
         back = load.client.wait_for(lambda r: r.isp == "ISP1" and r.start >= sent, 10)
         case.note("and back in", _ms(back.end - sent if back else None))
-        mark, _ = _reload(watched, WITHOUT_ISP2)
-        _reload(watched, LINKS)
+        mark, _ = reload_with(watched, WITHOUT_ISP2)
+        reload_with(watched, LINKS)
         case.note("ISP2 removed and added again: applies", watched.applies(mark))
         time.sleep(0.5)
         case.add("failed_connections", load.failed(begin))
