@@ -8,12 +8,14 @@ namespace), `timeout_s = 60` so that only the stop's own bound can end a hung se
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from uplinkd.lab import Lab
+
+from tests.integration.conftest import SILENT_SMTP, in_router, mail_to_admin
 
 from .failover import TrialError
 from .fault_kit import Case, Watched, carrier_trials, closed_case
@@ -21,40 +23,18 @@ from .monitors import LINKS
 
 SILENT_PORT = 8026
 REFUSING_PORT = 8027  # nothing listens there: the connect is refused
-# Accepts every connection and keeps it open without a word; one line per connection.
-SILENT_SMTP = """
-import socket, sys
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("127.0.0.1", int(sys.argv[1])))
-listener.listen(64)
-print("ready", flush=True)
-held = []
-while True:
-    connection, _ = listener.accept()
-    held.append(connection)
-    print("connected", flush=True)
-"""
 
 
 def config(port: int) -> str:
-    mail = f'\n[mail]\nsmtp_server = "127.0.0.1:{port}"\ntimeout_s = 60\n'
-    return '[monitor]\nwarn_email = "noc@example.net"\n\n' + LINKS + mail
+    return mail_to_admin("[monitor]\n\n" + LINKS, port, "timeout_s = 60\n")
 
 
 class SilentSmtp:
+    """The silent server, counting the connections it accepted."""
+
     def __init__(self, lab: Lab) -> None:
-        argv = [sys.executable, "-c", SILENT_SMTP, str(SILENT_PORT)]
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.ns_router, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            self.stop()
-            raise TrialError("the silent SMTP server did not start")
+        self._running = ExitStack()
+        self.proc = self._running.enter_context(in_router(lab, SILENT_SMTP, str(SILENT_PORT)))
         self.connections = 0
         self._thread = threading.Thread(target=self._count, daemon=True)
         self._thread.start()
@@ -65,11 +45,7 @@ class SilentSmtp:
             self.connections += line.strip() == "connected"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self._running.close()
 
 
 CASES = {
@@ -82,9 +58,10 @@ def one_case(lab: Lab, tmp: Path, name: str, trials: int) -> Case:
     case = Case("mail", name, CASES[name], repeats=0)
     connections = 0
     for index in range(-(-trials // 2)):
-        smtp = SilentSmtp(lab) if name == "smtp-silent" else None
+        smtp: SilentSmtp | None = None
         watched: Watched | None = None
         try:
+            smtp = SilentSmtp(lab) if name == "smtp-silent" else None
             port = SILENT_PORT if smtp is not None else REFUSING_PORT
             watched = Watched(lab, tmp / f"{name}{index}", config(port))
             since = watched.mark()

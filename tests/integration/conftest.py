@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,52 @@ def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     return proc.stdout.readline() if ready else ""
+
+
+# Mail servers for the daemon, on the router's loopback (where it mails from), printing "ready"
+# once they listen. This one accepts every connection, says "connected" and never a word more.
+SILENT_SMTP = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(64)
+print("ready", flush=True)
+held = []
+while True:
+    connection, _ = listener.accept()
+    held.append(connection)
+    print("connected", flush=True)
+"""
+
+
+def mail_to_admin(text: str, port: int, extra: str = "") -> str:
+    """`text` (with a [monitor] table) mailing noc@example.net through 127.0.0.1:`port`."""
+    text = text.replace("[monitor]\n", '[monitor]\nwarn_email = "noc@example.net"\n', 1)
+    return text + f'\n[mail]\nsmtp_server = "127.0.0.1:{port}"\n{extra}'
+
+
+@contextmanager
+def in_router(lab: Lab, script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A Python script run in the router's namespace, once it printed "ready"; killed at exit.
+    Its stdout is the process's, for the lines it prints next."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns_router, sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = first_line(proc, 30).strip()
+        assert ready == "ready", f"{script.strip().splitlines()[0]}: did not start ({ready!r})"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from uplinkd.lab import INET_HOST, Lab
 
-from .conftest import Daemon, Uplinkd, needs_root, wait_until
+from .conftest import Daemon, Uplinkd, in_router, mail_to_admin, needs_root, wait_until
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -323,34 +323,23 @@ def test_state_change_runs_event_hooks_and_mails_the_admin(
     monitored: tuple[Lab, Uplinkd, Path],
 ) -> None:
     lab, uplinkd, _ = monitored
-    text = MONITORED.format(extra_target="").replace(
-        "timeout_ms = 300", 'timeout_ms = 300\nwarn_email = "noc@example.net"'
-    )
-    config = uplinkd.write_config(text + '\n[mail]\nsmtp_server = "127.0.0.1:8025"\n')
+    config = uplinkd.write_config(mail_to_admin(MONITORED.format(extra_target=""), 8025))
     out = uplinkd.workdir / "hook.out"
     for state in ("down.d", "up.d"):
         hook = uplinkd.workdir / state / "10-record"
         hook.parent.mkdir()
         hook.write_text(HOOK.format(out=out))
         hook.chmod(0o755)
-    smtp = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns_router, sys.executable, "-c", SMTP_SERVER, "8025"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with in_router(lab, SMTP_SERVER, "8025") as smtp:
         assert smtp.stdout is not None
-        assert smtp.stdout.readline().strip() == "ready"
-        daemon = start(uplinkd, config)
-        lab.set_link(1, up=False)
-        assert daemon.log.wait_for("link ISP1: up -> down: carrier lost", 5)
-        mail = json.loads(smtp.stdout.readline())  # bounded by the daemon's SMTP timeout
-        assert wait_until(lambda: out.exists() and "down ISP1" in out.read_text(), 10)
-    finally:
-        lab.set_link(1, up=True)
-        smtp.kill()
-        smtp.wait()
+        try:
+            daemon = start(uplinkd, config)
+            lab.set_link(1, up=False)
+            assert daemon.log.wait_for("link ISP1: up -> down: carrier lost", 5)
+            mail = json.loads(smtp.stdout.readline())  # bounded by the daemon's SMTP timeout
+            assert wait_until(lambda: out.exists() and "down ISP1" in out.read_text(), 10)
+        finally:
+            lab.set_link(1, up=True)
     assert mail["to"] == ["noc@example.net"]
     assert mail["subject"] == "uplinkd: link ISP1 is down"
     assert "carrier lost" in mail["body"]

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,26 +21,21 @@ import pytest
 from uplinkd import const
 from uplinkd.lab import Lab
 
-from .conftest import Daemon, Uplinkd, needs_root, wait_until
+from .conftest import (
+    SILENT_SMTP,
+    Daemon,
+    Uplinkd,
+    in_router,
+    mail_to_admin,
+    needs_root,
+    wait_until,
+)
 from .test_failover import MONITORED, only_via, start
 
 pytestmark = [needs_root, pytest.mark.lab]
 
 # The bound asserted: STOP_BOUND_S plus room for a loaded test machine (a Python start, the log).
 STOP_ASSERTED_S = 8.0
-
-# An SMTP server that accepts one connection, says so, and never answers it.
-SILENT_SMTP = """
-import socket, sys
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("127.0.0.1", int(sys.argv[1])))
-listener.listen()
-print("ready", flush=True)
-connection, _ = listener.accept()
-print("connected", flush=True)
-sys.stdin.read()
-"""
 
 HANGING_HOOK = """#!/bin/sh
 echo $$ > {pid}
@@ -66,38 +60,26 @@ def stopped_within(daemon: Daemon, bound: float) -> float:
 def test_sigterm_while_a_mail_and_a_hook_hang_stops_within_the_bound(
     lab2: Lab, uplinkd: Uplinkd
 ) -> None:
-    text = MONITORED.format(extra_target="").replace(
-        "timeout_ms = 300", 'timeout_ms = 300\nwarn_email = "noc@example.net"'
-    )
     # timeout_s = 60: the old stop waited for the send's own time limits (59.5 s measured).
-    config = uplinkd.write_config(
-        text + '\n[mail]\nsmtp_server = "127.0.0.1:8026"\ntimeout_s = 60\n'
-    )
+    text = mail_to_admin(MONITORED.format(extra_target=""), 8026, "timeout_s = 60\n")
+    config = uplinkd.write_config(text)
     pid_file = uplinkd.workdir / "hook.pid"
     hook = uplinkd.workdir / "down.d" / "10-hang"
     hook.parent.mkdir()
     hook.write_text(HANGING_HOOK.format(pid=pid_file))
     hook.chmod(0o755)
-    smtp = subprocess.Popen(
-        ["ip", "netns", "exec", lab2.ns_router, sys.executable, "-c", SILENT_SMTP, "8026"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with in_router(lab2, SILENT_SMTP, "8026") as smtp:
         assert smtp.stdout is not None
-        assert smtp.stdout.readline().strip() == "ready"
-        daemon = start(uplinkd, config)
-        lab2.set_link(1, up=False)
-        assert daemon.log.wait_for("link ISP1: up -> down: carrier lost", 5), daemon.log.text
-        assert smtp.stdout.readline().strip() == "connected"  # the mail is in flight
-        assert wait_until(pid_file.exists, 5), daemon.log.text  # and the hook runs
-        hook_pid = int(pid_file.read_text())
-        took = stopped_within(daemon, STOP_ASSERTED_S)
-    finally:
-        lab2.set_link(1, up=True)
-        smtp.kill()
-        smtp.wait()
+        try:
+            daemon = start(uplinkd, config)
+            lab2.set_link(1, up=False)
+            assert daemon.log.wait_for("link ISP1: up -> down: carrier lost", 5), daemon.log.text
+            assert smtp.stdout.readline().strip() == "connected"  # the mail is in flight
+            assert wait_until(pid_file.exists, 5), daemon.log.text  # and the hook runs
+            hook_pid = int(pid_file.read_text())
+            took = stopped_within(daemon, STOP_ASSERTED_S)
+        finally:
+            lab2.set_link(1, up=True)
     print(f"\nSIGTERM to exit with a mail and a hook hanging: {took:.2f} s")
     log = daemon.log.text
     assert "SIGTERM: stopping" in log
