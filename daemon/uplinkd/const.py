@@ -1,5 +1,6 @@
 """Constants of the kernel shape and the host paths, each with the reason for its value."""
 
+import socket
 from typing import Final
 
 NFT_FAMILY: Final = "inet"
@@ -14,6 +15,11 @@ MAX_LINKS: Final = 254
 # Routing table ids: base + 0 holds the default route for locally originated lookups,
 # base + link id is the link's own table. 200..454 is clear of local/main/default (255, 254, 253).
 DEFAULT_TABLE_BASE: Final = 200
+RT_TABLE_MAIN: Final = 254  # the kernel's main table
+
+# setsockopt(SOL_SOCKET, SO_MARK): a probe's or a race's socket marked as its link's traffic
+# (36 is Linux's number, for a Python built without the name).
+SO_MARK: Final[int] = getattr(socket, "SO_MARK", 36)
 
 # ip rule priorities: above the kernel's main (32766) and default (32767) rules, below the
 # local rule (0), and away from 1000-3000 where mwan3 and many scripts put theirs.

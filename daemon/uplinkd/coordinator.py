@@ -240,9 +240,6 @@ class Coordinator:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def _link_id(self, name: str) -> int:
-        return self._names().index(name) + 1
-
     def _on_round(self, probe_round: ProbeRound) -> None:
         link = self.links.get(probe_round.link)
         if link is not None:
@@ -485,7 +482,7 @@ class Coordinator:
         for name in sorted(names):
             if name not in self._names():
                 continue  # a reload removed it, and its mark with it
-            mark = planner.link_mark(self._link_id(name), self.config.mark_mask)
+            mark = self.config.link_mark(name)
             try:
                 count = await conntrack.forget_mark(mark, self.config.mark_mask)
             except ApplyError as exc:

@@ -18,7 +18,6 @@ from .errors import ConfigError
 from .model import Config, LinkConfig
 from .plan import IPv4Address, IPv4Interface, IPv4Network, LinkFacts
 
-RT_TABLE_MAIN = 254
 IFA_F_SECONDARY = 0x01
 IFF_POINTOPOINT = 0x10
 RT_SCOPE_UNIVERSE = 0
@@ -96,8 +95,8 @@ def gateway_from_routes(routes: Iterable[RouteInfo]) -> IPv4Address | None:
         if route.gateway is None or route.protocol == const.RTPROT_UPLINKD:
             continue
         if route.dst == DEFAULT_ROUTE:
-            group = 0 if route.table == RT_TABLE_MAIN else 1
-        elif route.table == RT_TABLE_MAIN:
+            group = 0 if route.table == const.RT_TABLE_MAIN else 1
+        elif route.table == const.RT_TABLE_MAIN:
             group = 2
         else:
             continue

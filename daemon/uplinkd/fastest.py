@@ -48,7 +48,6 @@ from .plan import Dispatch, Plan
 
 log = logging.getLogger("uplinkd")
 
-SO_MARK: Final = getattr(socket, "SO_MARK", 36)
 # How long the other links may still answer after the first did before they count as silent.
 LOSER_GRACE_S: Final = 0.5
 # Races at once; a destination reported beyond this is left to the buckets (and reported again
@@ -120,7 +119,7 @@ async def race(
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.settimeout(0.0)  # non-blocking, for asyncio
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, contender.mark)
+            sock.setsockopt(socket.SOL_SOCKET, const.SO_MARK, contender.mark)
             # Close with a reset: the race must not leave connections in TIME_WAIT behind.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.bind((str(contender.source), 0))

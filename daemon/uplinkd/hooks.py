@@ -30,7 +30,7 @@ from . import const, hookfiles, subproc
 from .errors import ConfigError, HookError
 from .model import Config, Match, Method, PortForward, PortRange, Rule
 from .plan import HookLine, LinkFacts, RouteSpec
-from .planner import MAIN_TABLE, Extras
+from .planner import Extras
 from .validate import At, parse_forward_target, parse_ipv4, parse_network, parse_port_range
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class Balancer:
             raise ValueError("add_route needs dev= or a service name as via=")
         self.routes.append(
             RouteSpec(
-                table=MAIN_TABLE,
+                table=const.RT_TABLE_MAIN,
                 dst=_parse(_loose_network, dest, "add_route() dest"),
                 device=dev,
                 gateway=gateway,

@@ -18,9 +18,10 @@ import struct
 import time
 from collections.abc import Callable
 
+from . import const
+
 log = logging.getLogger(__name__)
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
 ICMP_ECHO_REPLY = 0
 ICMP_TIME_EXCEEDED = 11
 ICMP_ECHO_REQUEST = 8
@@ -102,7 +103,7 @@ class HopProber:
     def _socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         sock.setblocking(False)  # noqa: FBT003 - the socket API
-        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        sock.setsockopt(socket.SOL_SOCKET, const.SO_MARK, self.mark)
         if self.source:
             sock.bind((self.source, 0))
         return sock

@@ -193,3 +193,19 @@ class Config:
             if link.name == name:
                 return link
         raise KeyError(name)
+
+    # A link's number is its place in the configuration, from 1, so that a link left out of a
+    # plan renumbers no other; its mark and routing table follow from it, and from nothing else.
+    def link_id(self, name: str) -> int:
+        for index, link in enumerate(self.links):
+            if link.name == name:
+                return index + 1
+        raise KeyError(name)
+
+    def link_mark(self, name: str) -> int:
+        """The link's connection mark: its number, in the bits of mark_mask."""
+        shift = (self.mark_mask & -self.mark_mask).bit_length() - 1
+        return self.link_id(name) << shift
+
+    def link_table(self, name: str) -> int:
+        return self.table_base + self.link_id(name)

@@ -53,7 +53,7 @@ from pyroute2.netlink.rtnl import (
 from . import const
 
 # discovery's route parser, so that both read "a route via the device" the same way.
-from .discovery import DEFAULT_ROUTE, RT_TABLE_MAIN, route_infos
+from .discovery import DEFAULT_ROUTE, route_infos
 
 log = logging.getLogger("uplinkd")
 
@@ -278,7 +278,7 @@ class NetlinkWatcher:
             name = self._names.get(index)
             if (
                 name not in self._devices
-                or route.table != RT_TABLE_MAIN
+                or route.table != const.RT_TABLE_MAIN
                 or route.protocol == const.RTPROT_UPLINKD  # our own applies must not echo back
                 or (route.gateway is None and route.dst != DEFAULT_ROUTE)
             ):

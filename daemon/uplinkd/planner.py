@@ -28,7 +28,6 @@ from .plan import (
     Selector,
 )
 
-MAIN_TABLE = 254
 _DEFAULT_ROUTE = ipaddress.IPv4Network("0.0.0.0/0")
 
 
@@ -40,14 +39,6 @@ class Extras:
     forwards: tuple[PortForward, ...] = ()
     routes: tuple[RouteSpec, ...] = ()
     nft_lines: tuple[HookLine, ...] = ()
-
-
-def mark_shift(mask: int) -> int:
-    return (mask & -mask).bit_length() - 1
-
-
-def link_mark(link_id: int, mask: int) -> int:
-    return link_id << mark_shift(mask)
 
 
 def plan(
@@ -63,8 +54,8 @@ def plan(
     `previous` (rule name -> link name, from the last plan's `choices`) gives their hysteresis."""
     known = {fact.name: fact for fact in facts}
     links = tuple(
-        _planned_link(config, index, link_config, known[link_config.name], link_config.name in up)
-        for index, link_config in enumerate(config.links)
+        _planned_link(config, link_config, known[link_config.name], link_config.name in up)
+        for link_config in config.links
         if link_config.name in known
     )
     by_name = {link.name: link for link in links}
@@ -110,15 +101,12 @@ def plan(
     )
 
 
-def _planned_link(
-    config: Config, index: int, link: LinkConfig, fact: LinkFacts, up: bool
-) -> PlannedLink:
-    link_id = index + 1  # by configuration order, so a link left out does not renumber others
+def _planned_link(config: Config, link: LinkConfig, fact: LinkFacts, up: bool) -> PlannedLink:
     return PlannedLink(
         name=link.name,
-        id=link_id,
-        mark=link_mark(link_id, config.mark_mask),
-        table=config.table_base + link_id,
+        id=config.link_id(link.name),
+        mark=config.link_mark(link.name),
+        table=config.link_table(link.name),
         device=fact.device,
         address=fact.address,
         gateway=fact.gateway,
@@ -287,7 +275,7 @@ def _ip_rules(config: Config, links: Sequence[PlannedLink]) -> tuple[RuleSpec, .
     rules = [
         RuleSpec(
             priority=base + const.RULE_OFFSET_MAIN_SUPPRESS,
-            table=MAIN_TABLE,
+            table=const.RT_TABLE_MAIN,
             suppress_prefixlength=0,
         ),
     ]

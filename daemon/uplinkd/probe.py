@@ -32,9 +32,10 @@ from ipaddress import IPv4Address
 
 from icmplib import ICMPLibError, ICMPRequest, ICMPv4Socket
 
+from . import const
+
 log = logging.getLogger(__name__)
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
 SOL_RAW = 255
 ICMP_FILTER = 1  # linux/icmp.h: a bitmask of ICMP types the raw socket must NOT receive
 ICMP_ECHO_REPLY = 0
@@ -269,7 +270,7 @@ class Prober:
             return None
         try:
             sock = _kernel_socket(icmp)
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
+            sock.setsockopt(socket.SOL_SOCKET, const.SO_MARK, self._mark)
             sock.setsockopt(SOL_RAW, ICMP_FILTER, _ONLY_ECHO_REPLIES)
             sock.settimeout(0.0)  # non-blocking
             loop.add_reader(sock.fileno(), self._on_readable)

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from typing import Any
 
-from . import planner
 from .hops import HopProber
 from .model import Config, LinkConfig, Method
 from .plan import LinkFacts
@@ -25,10 +24,6 @@ from .probe import Prober, ProbeRound
 from .resolving import ResolveFn, Resolver, resolve_ipv4
 
 log = logging.getLogger("uplinkd")
-
-
-def prober_mark(config: Config, link_id: int) -> int:
-    return planner.link_mark(link_id, config.mark_mask)
 
 
 def probe_targets(
@@ -125,7 +120,6 @@ class Probers:
         only: Collection[str] | None = None,
     ) -> None:
         """Start a prober for every link (or those in `only`) that has none and can be probed."""
-        names = [link.name for link in config.links]
         if only is None:
             self._hosts = host_names(config)  # names no longer configured stop being retried
         for link_config in config.links:
@@ -142,7 +136,7 @@ class Probers:
                         link_config.name,
                     )
                 continue
-            mark = prober_mark(config, names.index(link_config.name) + 1)
+            mark = config.link_mark(link_config.name)
             prober = Prober(
                 link_config.name,
                 targets,

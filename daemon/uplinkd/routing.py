@@ -21,7 +21,6 @@ from . import const
 from .errors import ApplyError
 from .plan import IPv4Address, IPv4Network, Plan, RouteSpec, RuleAction, RuleSpec
 
-RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
@@ -64,7 +63,7 @@ class RoutingChanges:
 
 
 def _table_name(table: int) -> str:
-    return "main" if table == RT_TABLE_MAIN else str(table)
+    return "main" if table == const.RT_TABLE_MAIN else str(table)
 
 
 def route_scope_link(spec: RouteSpec) -> bool:

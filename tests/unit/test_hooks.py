@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from uplinkd import hooks, planner
+from uplinkd import const, hooks, planner
 from uplinkd.errors import HookError
 from uplinkd.model import Config, LanConfig, LinkConfig, Method
 from uplinkd.plan import LinkFacts
@@ -195,7 +195,7 @@ def test_python_hook_uses_the_balancer(config: Config, tmp_path: Path) -> None:
         "10.20.0.0/16",
         "wan1",
         "10.0.1.1",
-        planner.MAIN_TABLE,
+        const.RT_TABLE_MAIN,
     )
     assert [line.text for line in found.extras.nft_lines] == ["add table inet mine"]
 
