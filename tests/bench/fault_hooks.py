@@ -272,6 +272,12 @@ class Tally:
             case.note(label, f"{good}/{total}")
 
 
+REFUSED_CONFIG = (
+    "configuration file given to nobody or made group-writable: SIGHUP refused naming it"
+)
+REFUSED_CONFIG_KERNEL = "kernel unchanged by those SIGHUPs"
+
+
 def _config_checks(watched: Watched, tally: Tally) -> None:
     """While the daemon runs: its configuration file given to nobody, then made group-writable,
     each with a SIGHUP (refused naming the file, the kernel as it was); then one holding an SMTP
@@ -283,18 +289,18 @@ def _config_checks(watched: Watched, tally: Tally) -> None:
         shutil.chown(config, 0, 0)
         config.chmod(0o664)
 
-    changes: list[tuple[str, Callable[[], None], str]] = [
-        ("owned by nobody", lambda: shutil.chown(config, *NOBODY.split(":")), "owned by uid"),
-        ("group-writable", group_writable, "writable by group"),
+    changes: list[tuple[Callable[[], None], str]] = [
+        (lambda: shutil.chown(config, *NOBODY.split(":")), "owned by uid"),
+        (group_writable, "writable by group"),
     ]
     try:
-        for what, change, needle in changes:
+        for change, needle in changes:
             change()
             mark, _ = reload_with(watched, LINKS)
             refusal = [x for x in watched.daemon.log.lines[mark:] if "reload refused" in x]
             named = bool(refusal) and f"{config}: refused: " in refusal[0] and needle in refusal[0]
-            tally.add(f"configuration file {what}: reload refused naming it", named)
-            tally.add(f"configuration file {what}: kernel unchanged", before == _kernel(watched))
+            tally.add(REFUSED_CONFIG, named)
+            tally.add(REFUSED_CONFIG_KERNEL, before == _kernel(watched))
     finally:
         shutil.chown(config, 0, 0)
         config.chmod(0o644)
@@ -303,8 +309,10 @@ def _config_checks(watched: Watched, tally: Tally) -> None:
         f"{config}: holds the [mail] password and others may read it" in line
         for line in watched.daemon.log.lines[mark:]
     )
-    tally.add("readable password: used, with a warning naming the file", warned)
-    tally.add("readable password: reload not refused", watched.count("reload refused", mark) == 0)
+    used = watched.count("reload refused", mark) == 0
+    tally.add(
+        "configuration with a password others may read: used, a warning naming it", used and warned
+    )
     reload_with(watched, LINKS)
 
 
@@ -322,9 +330,10 @@ def _start_check(watched: Watched, tally: Tally) -> None:
     finally:
         shutil.chown(config, 0, 0)
     named = result.returncode != 0 and f"{config}: refused: owned by uid" in result.stderr
-    tally.add("--once with nobody's configuration file: refused naming it", named)
-    unchanged = before == _kernel(watched)
-    tally.add("--once with nobody's configuration file: kernel unchanged", unchanged)
+    tally.add(
+        "--once with it owned by nobody: refused naming it, kernel unchanged",
+        named and before == _kernel(watched),
+    )
 
 
 def one_case(lab: Lab, tmp: Path, name: str, trials: int) -> Case:

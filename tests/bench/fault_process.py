@@ -6,9 +6,15 @@
   `netfilter: none` and changes no route or rule). Connections failed from the kill to 1 s after
   the restart's first apply, whether the stream lived, then a carrier-loss trial on the
   restarted daemon.
-- ``reloads``: one daemon under churn load: 50 SIGHUPs 20 ms apart; four broken files, each
-  with a SIGHUP (refused with file:line, the kernel unchanged); a file that changes the links
-  (ISP2 made the primary, then back) and one that removes ISP2 (then back).
+- ``reloads``: one daemon on a private bus with the project's policy
+  (tests/integration/privatebus.py), under churn load: 50 SIGHUPs 20 ms apart; four broken
+  files, each with a SIGHUP (refused with file:line, the kernel unchanged); a file that changes
+  the links (ISP2 made the primary, then back) and one that removes ISP2 (then back). Then the
+  same through D-Bus as root (an administrator): 50 Reload calls back to back; the four broken
+  files, each with a Reload whose error reply must name file:line, the kernel unchanged and
+  nothing applied; the primary swapped and ISP2 removed by Reload; then two carrier-loss trials
+  while RELOADERS callers call Reload back to back (the distribution's python3 with
+  dbus-python, as fault_bus.py's flood).
 - ``flapping``: one daemon under churn load: ISP1's carrier changed 100 times in 20 s (down and
   up every 200 ms; ``flapping-slow``: 14 times, 1.6 s apart, long enough for ISP1 to be taken
   back between losses, so that flap damping must hold it); applies, failed connections, and
@@ -19,17 +25,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from uplinkd.bus import ErrorName
 from uplinkd.lab import BULK_PORT, INET_HOST, Lab, LabError
 
-from .failover import TrialError
+from tests.integration.privatebus import private_bus
+
+from .failover import TrialError, _require
 from .fault_kit import Case, Load, Watched, carrier_trials, wait_until
 from .monitors import LINKS
 
@@ -38,6 +49,12 @@ STREAM_S = 8.0
 DEAD_S = 1.0
 SIGHUPS = 50
 SIGHUP_GAP_S = 0.020
+BUS_RELOADS = 50
+RELOADERS = 2  # callers calling Reload at once during the carrier-loss trials
+RELOADER_MAX_S = 60.0
+UP_AGAIN_S = 15.0  # a link a reload added back is up again within this
+SYSTEM_PYTHON = "/usr/bin/python3"
+RELOAD_FAILED = ErrorName.RELOAD_FAILED.value
 # (name, carrier changes, seconds between them): fast flapping, where the link never stays up
 # long enough to be taken back (5 replies in a row at 200 ms), and slow flapping, where it does
 # and flap damping must hold it.
@@ -166,12 +183,164 @@ def reload_with(watched: Watched, text: str, timeout: float = 10.0) -> tuple[int
     return mark, sent
 
 
+# Calls the Manager's Reload as root: `count` times, or until `stop_file` exists (at most
+# `seconds`); prints "ready", then a JSON line with the outcomes, the error messages (the first
+# few), each call's reply time and when it began (time.monotonic: CLOCK_MONOTONIC, the same
+# clock in every process).
+RELOADER = r"""
+import json, os, sys, time
+import dbus, dbus.bus
+address, count, stop_file, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+NAME, PATH = "org.uplinkd.Uplinkd1", "/org/uplinkd/Uplinkd1"
+MANAGER = NAME + ".Manager"
+bus = dbus.bus.BusConnection(address)
+print("ready", flush=True)
+outcomes, errors, replies, began = {}, [], [], []
+end = time.monotonic() + seconds
+while time.monotonic() < end and (
+    len(replies) < count or (stop_file and not os.path.exists(stop_file))
+):
+    begin = time.monotonic()
+    began.append(begin)
+    try:
+        bus.call_blocking(NAME, PATH, MANAGER, "Reload", "", (), timeout=30)
+        result = "ok"
+    except dbus.exceptions.DBusException as exc:
+        result = exc.get_dbus_name() or "error"
+        errors.append(exc.get_dbus_message())
+    replies.append(time.monotonic() - begin)
+    outcomes[result] = outcomes.get(result, 0) + 1
+result = {"outcomes": outcomes, "errors": errors[:5], "replies_s": replies, "began": began}
+print(json.dumps(result), flush=True)
+"""
+
+
+class Reloaders:
+    """`callers` processes calling Reload as root: each `count` times, or (count 0) until
+    stop(). Their results are merged: outcomes, error messages, reply times."""
+
+    def __init__(self, address: str, directory: Path, count: int = 0, callers: int = 1) -> None:
+        directory.mkdir(exist_ok=True)
+        self.stop_file = directory / "stop"
+        self.stop_file.unlink(missing_ok=True)
+        script = directory / "reloader.py"
+        script.write_text(RELOADER)
+        until = "" if count else str(self.stop_file)
+        argv = [SYSTEM_PYTHON, str(script), address, str(count), until, str(RELOADER_MAX_S)]
+        self.procs = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(callers)
+        ]
+        self.outcomes: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.replies_s: list[float] = []
+        self.began: list[float] = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                self.stop()
+                raise TrialError("a Reload caller did not connect to the bus")
+
+    def running(self) -> bool:
+        return all(proc.poll() is None for proc in self.procs)
+
+    def stop(self) -> Reloaders:
+        self.stop_file.touch()
+        for proc in self.procs:
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate(timeout=10)
+            last = out.strip().splitlines()[-1:] if out else []
+            if not (last and last[0].startswith("{")):
+                raise TrialError(f"Reload caller: {err.strip().splitlines()[-1:]}")
+            result = json.loads(last[0])
+            for key, n in result["outcomes"].items():
+                self.outcomes[key] = self.outcomes.get(key, 0) + n
+            self.errors += result["errors"]
+            self.replies_s += result["replies_s"]
+            self.began += result["began"]
+        return self
+
+    @property
+    def calls(self) -> int:
+        return len(self.replies_s)
+
+    def replies(self) -> str:
+        if not self.replies_s:
+            return "n/a"
+        median = statistics.median(self.replies_s)
+        return f"{_ms(median)} median, {_ms(max(self.replies_s))} at most"
+
+
+def _bus_reloads(watched: Watched, load: Load, address: str, work: Path, case: Case) -> None:
+    """The reloads case's D-Bus part (see the module's docstring)."""
+    begin, mark = time.monotonic(), watched.mark()
+    storm = Reloaders(address, work, BUS_RELOADS).stop()
+    failed = load.failed(begin)
+    ok = storm.outcomes.get("ok", 0)
+    case.note(
+        "D-Bus Reloads called / answered ok / applies",
+        f"{storm.calls} / {ok} / {watched.applies(mark)}",
+    )
+    case.note("D-Bus Reload reply time", storm.replies())
+    case.note("failed connections during the D-Bus Reloads", failed)
+    named = unchanged = kept = 0
+    example = ""
+    for text in BROKEN.values():
+        watched.config.write_text(text)
+        before, mark, sent = watched.runner.kernel_state(), watched.mark(), time.monotonic()
+        call = Reloaders(address, work, 1).stop()
+        message = call.errors[0] if call.errors else ""
+        refused = call.outcomes.get(RELOAD_FAILED, 0) == 1
+        config_line = rf"{re.escape(str(watched.config))}:\d+"
+        named += refused and re.search(config_line, message) is not None
+        example = example or message
+        unchanged += watched.runner.kernel_state() == before
+        time.sleep(0.2)
+        # Still the previous configuration: nothing applied, new connections still via ISP1.
+        after = load.between(sent)
+        kept += watched.applies(mark) == 0 and bool(after) and all(r.isp == "ISP1" for r in after)
+    case.note("broken files refused by Reload naming file:line", f"{named}/{len(BROKEN)}")
+    case.note("kernel unchanged by a refused Reload", f"{unchanged}/{len(BROKEN)}")
+    case.note("previous configuration kept (no apply, ISP1 in use)", f"{kept}/{len(BROKEN)}")
+    case.note("error reply, e.g.", f"{RELOAD_FAILED}: {example[:160]}")
+    watched.config.write_text(PRIMARY_SWAPPED)
+    swap = Reloaders(address, work, 1).stop()
+    moved_in: float | None = None
+    if swap.outcomes.get("ok") and swap.began:
+        called = swap.began[0]
+        moved = load.client.wait_for(lambda r: r.isp == "ISP2" and r.start >= called, 10)
+        moved_in = moved.end - called if moved else None
+    case.note("Reload: ISP2 made primary, new connections moved in (from the call)", _ms(moved_in))
+    mark = watched.mark()
+    for text in (WITHOUT_ISP2, LINKS):
+        watched.config.write_text(text)
+        Reloaders(address, work, 1).stop()
+    back = wait_until(lambda: watched.count("link ISP2: init -> up", mark) > 0, UP_AGAIN_S)
+    case.note("Reload: ISP2 removed and added again, applies", watched.applies(mark))
+    _require(back, "ISP2 did not come up again after a Reload added it")
+
+
 def reloads(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
-    case = Case("process", "reloads", "50 SIGHUPs; 4 broken files; files that change the links")
-    watched = Watched(lab, tmp / "reloads")
+    tried = (
+        "50 SIGHUPs; 50 D-Bus Reloads as root; 4 broken files by each; files that change"
+        f" the links by each; failover while {RELOADERS} callers Reload"
+    )
+    case = Case("process", "reloads", tried)
+    with private_bus() as bus:
+        _reloads(lab, tmp, bus.address, case)
+    log(f"  process/reloads: {case.describe()}")
+    return case
+
+
+def _reloads(lab: Lab, tmp: Path, address: str, case: Case) -> None:
+    watched = Watched(lab, tmp / "reloads", bus_address=address)
     since = watched.mark()
     load = Load(lab)
     try:
+        _require(watched.daemon.log.wait_for("on the system bus as", 10), "not on the bus")
         # 50 SIGHUPs in a row (the daemon may merge those that arrive during a reload).
         mark, begin = watched.mark(), time.monotonic()
         for _ in range(SIGHUPS):
@@ -208,12 +377,26 @@ def reloads(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
         case.note("and back in", _ms(back.end - sent if back else None))
         mark, _ = reload_with(watched, WITHOUT_ISP2)
         reload_with(watched, LINKS)
+        up = wait_until(lambda: watched.count("link ISP2: init -> up", mark) > 0, UP_AGAIN_S)
         case.note("ISP2 removed and added again: applies", watched.applies(mark))
+        _require(up, "ISP2 did not come up again after a SIGHUP added it")
+        _bus_reloads(watched, load, address, tmp / "reloaders", case)
         time.sleep(0.5)
         case.add("failed_connections", load.failed(begin))
         case.add("attempts", len(load.between(begin)))
-        by_isp = load.by_isp(begin)
-        case.note("connections by ISP", by_isp)
+        case.note("connections by ISP", load.by_isp(begin))
+        load.stop()  # the trials' own client measures them
+        # Carrier losses while callers Reload back to back.
+        during = Reloaders(address, tmp / "reloaders", 0, RELOADERS)
+        try:
+            carrier_trials(watched, case, 2, during.running)
+        finally:
+            during.stop()
+        case.note(
+            "Reloads during the carrier trials: called / ok",
+            f"{during.calls} / {during.outcomes.get('ok', 0)}",
+        )
+        case.note("their reply time", during.replies())
     except (TrialError, OSError, subprocess.SubprocessError, AssertionError) as exc:
         case.errors.append(str(exc).splitlines()[0])
     finally:
@@ -221,8 +404,7 @@ def reloads(lab: Lab, tmp: Path, log: Callable[[str], None]) -> Case:
         watched.stop()
         watched.into(case, since)
         watched.runner.run(watched.config, "--stop", check=False)
-    log(f"  process/reloads: {case.describe()}")
-    return case
+        lab.set_link(1, up=True)
 
 
 def _ms(seconds: float | None) -> str:
