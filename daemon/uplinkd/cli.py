@@ -15,7 +15,7 @@ from . import __version__, conntrack, const, hooks, instance
 from .backends import BACKEND_NAMES, get_backend
 from .daemon import Daemon, load_config, plan_with, prepare
 from .datapath import Datapath
-from .errors import ApplyError, ConfigError, HookError, LinkRoutesError, UplinkdError
+from .errors import ConfigError, HookError, LinkRoutesError, UplinkdError
 
 log = logging.getLogger("uplinkd")
 
@@ -115,21 +115,14 @@ async def _once(args: argparse.Namespace) -> int:
     failed = [outcome for outcome in outcomes if outcome.problem is not None]
     for outcome in failed:
         log.error("%s", outcome.problem)
-    # Like the daemon on a down transition: connections tracked with a down link's mark would
-    # keep following it (and a new connection reusing such an entry's ports would too).
-    forgotten = True
-    for link in prepared.plan.links:
-        if not link.up:
-            try:
-                count = await conntrack.forget_mark(link.mark, prepared.plan.mark_mask)
-            except ApplyError as exc:
-                log.error("link %s is down: %s", link.name, exc)
-                forgotten = False
-            else:
-                log.info("link %s is down: forgot %d tracked connections", link.name, count)
+    # As the daemon does when a link goes out of use.
+    down = {link.name: link.mark for link in prepared.plan.links if not link.up}
+    not_forgotten = await conntrack.forget_links(down, prepared.plan.mark_mask)
+    for name, why in not_forgotten.items():
+        log.error("link %s is down: its tracked connections are not forgotten: %s", name, why)
     in_use = ", ".join(sorted(prepared.up & {f.name for f in prepared.facts})) or "none"
     log.info("applied with links up: %s (%s)", in_use, report.describe())
-    return EXIT_FAILURE if failed or refused or not forgotten else 0
+    return EXIT_FAILURE if failed or refused or not_forgotten else 0
 
 
 async def _stop(args: argparse.Namespace) -> int:

@@ -20,13 +20,16 @@ count. Its cost, one process (a few milliseconds), is paid once per link that go
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from .errors import ApplyError
+
+log = logging.getLogger("uplinkd")
 
 CONNTRACK: Final = "conntrack"
 # Deleting even 100,000 entries takes about a second; a call still running after this is stuck.
@@ -68,6 +71,23 @@ def deleted_count(returncode: int, stderr: str) -> int:
     if VANISHED in reason:
         raise VanishedEntryError(reason)
     raise ApplyError(f"conntrack could not delete the entries: {reason}")
+
+
+async def forget_links(marks: Mapping[str, int], mask: int) -> dict[str, str]:
+    """Forget the tracked connections of links that went out of use (link name -> its mark):
+    they would keep following their link, and so would a new connection reusing such an
+    entry's ports. One link's failure does not stop the others'. Logs what each forgot;
+    returns, for the links whose entries are not forgotten, why (the caller decides whether
+    to retry: the daemon does, `--once` exits 1)."""
+    failed: dict[str, str] = {}
+    for name, mark in sorted(marks.items()):
+        try:
+            count = await forget_mark(mark, mask)
+        except ApplyError as exc:
+            failed[name] = str(exc)
+        else:
+            log.info("link %s: forgot %d tracked connections", name, count)
+    return failed
 
 
 async def forget_unanswered(address: str, port: int, mark: int, mask: int) -> int:

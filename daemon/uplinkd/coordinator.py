@@ -479,26 +479,24 @@ class Coordinator:
         """Forget the tracked connections of links no longer usable. The plan is in force by
         now, so a failure is no failed apply: the link stays owed and is retried on its own
         (the ticker), and the other links' connections are forgotten all the same."""
-        for name in sorted(names):
-            if name not in self._names():
-                continue  # a reload removed it, and its mark with it
-            mark = self.config.link_mark(name)
-            try:
-                count = await conntrack.forget_mark(mark, self.config.mark_mask)
-            except ApplyError as exc:
-                self._pending.forget.add(name)
-                if self._forget_errors.get(name) != str(exc):  # once per distinct failure
-                    log.error(
-                        "link %s: its tracked connections are not forgotten yet (retrying every"
-                        " %.0f s): %s",
-                        name,
-                        const.APPLY_RETRY_S,
-                        exc,
-                    )
-                self._forget_errors[name] = str(exc)
+        # A link a reload removed is left out: its mark went with it.
+        marks = {name: self.config.link_mark(name) for name in names if name in self._names()}
+        failed = await conntrack.forget_links(marks, self.config.mark_mask)
+        for name in marks:
+            why = failed.get(name)
+            if why is None:
+                self._forget_errors.pop(name, None)
                 continue
-            self._forget_errors.pop(name, None)
-            log.info("link %s: forgot %d tracked connections", name, count)
+            self._pending.forget.add(name)
+            if self._forget_errors.get(name) != why:  # once per distinct failure
+                log.error(
+                    "link %s: its tracked connections are not forgotten yet (retrying every"
+                    " %.0f s): %s",
+                    name,
+                    const.APPLY_RETRY_S,
+                    why,
+                )
+            self._forget_errors[name] = why
 
     async def _apply_plan(self) -> ApplyReport:
         usable = self.usable()
