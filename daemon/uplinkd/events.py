@@ -19,17 +19,15 @@ daemon's loop and never hold it up. At stop, hooks still running after a short g
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import time
 from collections.abc import Coroutine
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from . import const, hookfiles
+from . import const, hookfiles, subproc
 
 if TYPE_CHECKING:
     from .link import LinkStats, Transition
@@ -269,48 +267,23 @@ class EventHooks:
     async def _run(self, path: Path, event: LinkEvent) -> None:
         what = f"{path}: link {event.link} {event.old} -> {event.new}"
         try:
-            process = await asyncio.create_subprocess_exec(
-                str(path),
-                *foolsm_arguments(event),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+            done = await subproc.run_bounded(
+                [str(path), *foolsm_arguments(event)],
+                timeout=self.timeout_s,
+                output_limit=OUTPUT_LIMIT,
                 env=hook_environment(event),
-                start_new_session=True,  # its own process group, killed whole at the timeout
             )
         except OSError as error:
             log.error("%s: cannot run: %s", what, error.strerror or error)
             return
-        try:
-            output = await asyncio.wait_for(read_output(process), self.timeout_s)
-        except TimeoutError:
-            await kill_group(process)
+        except asyncio.CancelledError:  # its process group is killed by now
+            log.warning("%s: killed at shutdown", what)
+            raise
+        if done.timed_out:
             log.error("%s: killed after %g s", what, self.timeout_s)
             return
-        except asyncio.CancelledError:
-            log.warning("%s: killed at shutdown", what)  # said first: the stop may not wait long
-            await kill_group(process)
-            raise
-        shown = f": {output}" if output else ""
-        if process.returncode == 0:
+        shown = f": {done.output}" if done.output else ""
+        if done.returncode == 0:
             log.info("%s: done%s", what, shown)
         else:
-            log.warning("%s: exit %s%s", what, process.returncode, shown)
-
-
-async def read_output(process: asyncio.subprocess.Process) -> str:
-    """A process's output on one line, cut at OUTPUT_LIMIT bytes; waits for it to end."""
-    kept, dropped = b"", 0
-    while process.stdout is not None and (chunk := await process.stdout.read(65536)):
-        room = max(0, OUTPUT_LIMIT - len(kept))
-        kept, dropped = kept + chunk[:room], dropped + len(chunk[room:])
-    await process.wait()
-    text = " | ".join(line for line in kept.decode(errors="replace").splitlines() if line.strip())
-    return text + (f" ... ({dropped} more bytes)" if dropped else "")
-
-
-async def kill_group(process: asyncio.subprocess.Process) -> None:
-    """Kill a process started with start_new_session=True, and whatever it started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    await process.wait()
+            log.warning("%s: exit %s%s", what, done.returncode, shown)

@@ -29,8 +29,9 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Final
 
+from . import subproc
 from .errors import UplinkdError
-from .events import Background, LinkEvent, kill_group
+from .events import Background, LinkEvent
 from .model import MailSettings
 from .threads import in_daemon_thread
 from .validate import SMTPS_PORT, At, parse_smtp_server
@@ -287,27 +288,21 @@ class Mailer:
             smtp.send_message(message)
 
     async def _send_sendmail(self, message: EmailMessage) -> None:
-        process = await asyncio.create_subprocess_exec(
-            str(self.sendmail),
-            "-t",  # recipients from the To: header
-            "-oi",  # a line with a lone "." does not end the message
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
         timeout = self.settings.timeout_s
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(message.as_bytes()), timeout)
-        except TimeoutError:
-            await kill_group(process)  # what sendmail started (an MTA's queue runner) too
-            raise MailError(f"no result within {timeout:g} s; killed") from None
-        except asyncio.CancelledError:
-            await kill_group(process)
-            raise
-        if process.returncode != 0:
-            text = output.decode(errors="replace").strip()[:500]
-            raise MailError(f"exit {process.returncode}" + (f": {text}" if text else ""))
+        done = await subproc.run_bounded(  # killed with what it started (an MTA's queue runner)
+            [
+                str(self.sendmail),
+                "-t",  # recipients from the To: header
+                "-oi",  # a line with a lone "." does not end the message
+            ],
+            timeout=timeout,
+            output_limit=500,
+            stdin=message.as_bytes(),
+        )
+        if done.timed_out:
+            raise MailError(f"no result within {timeout:g} s; killed")
+        if done.returncode != 0:
+            raise MailError(f"exit {done.returncode}" + (f": {done.output}" if done.output else ""))
 
     def _reason(self, error: BaseException) -> str:
         if isinstance(error, smtplib.SMTPResponseException):
