@@ -12,9 +12,9 @@ with no fault measured in the same run, as a ratio of p95s), applies (the daemon
 generation` lines), the daemon's CPU seconds and peak resident memory (VmHWM), and the time from
 SIGTERM to its exit. Classes, in order (each module says what it does): hooks (fault_hooks.py),
 process: kill -9, reloads, flapping (fault_process.py), mail (fault_mail.py), dbus
-(fault_bus.py), fuzzing (fault_fuzz.py). Not covered here: fastest-response scans and GetLearned
-with a large table (tests/integration/test_fastest_response.py checks their bounds), foreign-
-owned hook files, a D-Bus Reload.
+(fault_bus.py), scan: a fastest-response scan from the LAN and GetLearned with a large table
+(fault_scan.py), fuzzing (fault_fuzz.py). Not covered here: foreign-owned hook files, a D-Bus
+Reload.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 
 from uplinkd.lab import INET_HOST, Lab
 
-from . import fault_bus, fault_fuzz, fault_hooks, fault_mail, fault_process
+from . import fault_bus, fault_fuzz, fault_hooks, fault_mail, fault_process, fault_scan
 from .failover import CLIENT, TrialError
 from .fault_kit import Case, Watched, carrier_trials
 
-CLASSES = ("hooks", "process", "mail", "dbus", "fuzzing")
+CLASSES = ("hooks", "process", "mail", "dbus", "scan", "fuzzing")
 FAILOVER_BUDGET_S = 0.100  # carrier loss, p95, whatever goes on beside it
 
 
@@ -84,6 +84,8 @@ def run(trials: int, fuzz_files: int, classes: str, log: Callable[[str], None]) 
             cases += fault_mail.run(lab, tmp, trials, log)
         if "dbus" in chosen:
             cases += fault_bus.run(lab, tmp, trials, log)
+        if "scan" in chosen:
+            cases += fault_scan.run(lab, tmp, trials, log)
         if "fuzzing" in chosen:
             cases += fault_fuzz.run(lab, tmp, fuzz_files, log)
     return {
