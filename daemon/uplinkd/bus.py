@@ -284,7 +284,7 @@ class ManagerInterface(_Published[Snapshot]):
     @_bus_method("Reload")
     async def reload(self) -> None:
         await self._service.controller.reload()
-        self._service.refresh_links()
+        self._service.publish()  # the links it added or removed are on the bus by the reply
 
     @_bus_method("SetLinkEnabled")
     def set_link_enabled(self, name: DBusStr, enabled: DBusBool) -> None:
@@ -499,23 +499,8 @@ class BusService:
         self._publish(self.controller.snapshot()).plan_applied(generation)
 
     @_hook
-    def refresh_links(self) -> None:
-        """After a reload: export the links it added, drop those it removed, announce both."""
-        bus, _ = self._objects()
-        snapshot = self.controller.snapshot()
-        names = {status.name for status in snapshot.links}
-        for name in [name for name in self._links if name not in names]:
-            del self._links[name]
-            bus.unexport(link_path(name))
-            self._announce("InterfacesRemoved", "oas", [link_path(name), [LINK_INTERFACE]])
-        for status in snapshot.links:
-            if status.name not in self._links:
-                added = {LINK_INTERFACE: self._export_link(bus, status).variants()}
-                self._announce("InterfacesAdded", "oa{sa{sv}}", [link_path(status.name), added])
-        self._publish(snapshot)
-
-    @_hook
-    def _publish_measurements(self) -> None:
+    def publish(self) -> None:
+        """The controller's state as it is now (also what the poller sends each interval)."""
         self._publish(self.controller.snapshot())
 
     async def _poll(self) -> None:
@@ -530,16 +515,30 @@ class BusService:
                 self._forget()
                 bus.disconnect()
                 break
-            self._publish_measurements()
+            self.publish()
         log.warning("D-Bus: the bus connection is gone; uplinkd runs on without it")
 
     def _publish(self, snapshot: Snapshot) -> ManagerInterface:
-        manager = self._objects()[1]
+        bus, manager = self._objects()
+        self._export_links(bus, snapshot)
         manager.publish(snapshot)
         for status in snapshot.links:
             if (link := self._links.get(status.name)) is not None:
                 link.publish(status)
         return manager
+
+    def _export_links(self, bus: _Bus, snapshot: Snapshot) -> None:
+        """One object per link of the snapshot: those a reload added are exported, those it
+        removed dropped, each announced (InterfacesAdded/Removed)."""
+        names = {status.name for status in snapshot.links}
+        for name in [name for name in self._links if name not in names]:
+            del self._links[name]
+            bus.unexport(link_path(name))
+            self._announce("InterfacesRemoved", "oas", [link_path(name), [LINK_INTERFACE]])
+        for status in snapshot.links:
+            if status.name not in self._links:
+                added = {LINK_INTERFACE: self._export_link(bus, status).variants()}
+                self._announce("InterfacesAdded", "oa{sa{sv}}", [link_path(status.name), added])
 
     def _export_link(self, bus: _Bus, status: LinkStatus) -> LinkInterface:
         link = self._links[status.name] = LinkInterface(status)

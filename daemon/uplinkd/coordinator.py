@@ -162,6 +162,8 @@ class Coordinator:
             raise
         if self._watcher is not None:
             self._watcher.set_devices([link.device for link in config.links])
+        if self.publisher.mailer is not None:
+            self.publisher.mailer.configure(config.mail)
         # A rebuild left to the pre-run/ lines goes in when they end (their end schedules it):
         # the kernel has checked it, and a reload waiting for them would hold up SIGTERM.
         self.probers.start(self.config, self.facts)

@@ -164,6 +164,9 @@ class Daemon:
         self.bus: BusService | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        # One reload at a time (SIGHUP and D-Bus callers alike): a refused reload puts back the
+        # configuration it found, which must not be another reload's half-made one.
+        self._reloading = asyncio.Lock()
 
     # --- the controller the D-Bus adapter calls ---
     def snapshot(self) -> Snapshot:
@@ -182,15 +185,17 @@ class Daemon:
         return self.coordinator.fastest.page(offset, limit)
 
     async def reload(self) -> None:
-        """Load the configuration again; a bad one is refused (raised) and the running one stays."""
-        config = load_config(self.config_path, self.services)
-        async with AsyncIPRoute() as ipr:  # the coordinator's socket may be mid-dump
-            await check_lans(ipr, config)
-        await self.coordinator.reconfigure(config)
-        if self.coordinator.publisher.mailer is not None:
-            self.coordinator.publisher.mailer.configure(config.mail)
-        if self.bus is not None:
-            self.bus.refresh_links()
+        """Load the configuration again; a bad one is refused (logged and raised, for the D-Bus
+        caller) and the running one stays."""
+        async with self._reloading:
+            try:
+                config = load_config(self.config_path, self.services)
+                async with AsyncIPRoute() as ipr:  # the coordinator's socket may be mid-dump
+                    await check_lans(ipr, config)
+                await self.coordinator.reconfigure(config)
+            except UplinkdError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                raise
 
     # --- life cycle ---
     async def _start_bus(self) -> None:
@@ -264,10 +269,8 @@ class Daemon:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     log.info("SIGHUP: reloading %s", self.config_path)
-                    try:
+                    with contextlib.suppress(UplinkdError):  # logged by reload()
                         await self.reload()
-                    except UplinkdError as exc:
-                        log.error("reload refused, keeping the running configuration: %s", exc)
             # Each step is bounded: the bus by BUS_STOP_TIMEOUT_S, hooks and mail by
             # SHUTDOWN_DRAIN_S + SHUTDOWN_CUT_S; together less than STOP_BOUND_S.
             stopping = loop.time()

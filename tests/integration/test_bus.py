@@ -387,7 +387,7 @@ def test_hook_problems_are_published(bus: PrivateBus) -> None:
 def test_links_added_and_removed(bus: PrivateBus) -> None:
     async def scenario(h: Harness) -> None:
         h.fake.links = [h.fake.links[0], link_status("LTE-3", "wwan0")]
-        h.service.refresh_links()
+        h.service.publish()  # as after a SIGHUP reload (the plan applied, or the next poll)
         removed = await h.signal("InterfacesRemoved")
         added = await h.signal("InterfacesAdded")
         assert removed.body == [link_path("ISP2"), [LINK_INTERFACE]]

@@ -3,8 +3,10 @@ names that do not resolve yet (root, lab)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 from uplinkd.lab import INET_HOST, Lab
 
 from .conftest import Uplinkd, needs_root, wait_until
+from .privatebus import private_bus
+from .test_ctl import uplinkctl
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -144,3 +148,51 @@ def test_a_target_name_that_resolves_later(lab2: Lab, uplinkd: Uplinkd, router_h
     result = lab2.connect_many(lab2.ns_lan, INET_HOST, 80, 40, timeout=1.0)
     assert result.failed == 0
     assert min(result.counts_by_isp().values()) > 0  # both links carry new connections
+
+
+def bus_links(address: str) -> set[str]:
+    """The link objects the daemon has on the bus (their names, as uplinkctl would list them)."""
+    listed = subprocess.run(
+        [
+            *("busctl", f"--address={address}", "--json=short", "call", "org.uplinkd.Uplinkd1"),
+            *("/org/uplinkd/Uplinkd1", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    objects = json.loads(listed.stdout)["data"][0]
+    return {path.rsplit("/", 1)[1] for path in objects}
+
+
+def test_reloads_over_d_bus_and_sighup_are_logged_and_follow_the_links(
+    uplinkd: Uplinkd, lab2: Lab
+) -> None:
+    """D-Bus Reload and SIGHUP: a refused file is logged by the daemon either way (before: a
+    refused D-Bus Reload only answered its caller); links a reload removes or adds leave or join
+    the bus by the time the Reload is answered, or by the next publish after a SIGHUP."""
+    two = BALANCE_CONF.format(lans="LAN lan0 lan\n")
+    one = two.replace(f"ISP2 wan2 isp {INET_HOST}\n", "")
+    config = uplinkd.write_config(two, "balance.conf")
+    with private_bus() as bus:
+        daemon = uplinkd.start(config, bus_address=bus.address)
+        assert wait_until(lambda: bus_links(bus.address) == {"ISP1", "ISP2"}, 10)
+
+        config.write_text(two + "LAN lan0 lan\n")  # a LAN named twice
+        refused = uplinkctl(bus.address, "reload")
+        assert refused.returncode != 0
+        assert f"{config}:4:" in refused.stderr, refused.stderr
+        assert daemon.log.wait_for("reload refused, keeping the running configuration: "), (
+            daemon.log.text
+        )
+
+        config.write_text(one)
+        done = uplinkctl(bus.address, "reload")
+        assert done.returncode == 0, done.stderr
+        assert bus_links(bus.address) == {"ISP1"}  # gone by the reply
+
+        config.write_text(two)
+        daemon.send(signal.SIGHUP)
+        assert wait_until(lambda: bus_links(bus.address) == {"ISP1", "ISP2"}, 5)
+        daemon.stop()
