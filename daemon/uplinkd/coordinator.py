@@ -25,6 +25,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 
 from . import conntrack, const, planner, routing, status
+from .backends import ApplyKind
 from .datapath import ApplyReport, Datapath
 from .errors import ApplyError, HookError, LinkRoutesError, UplinkdError
 from .events import EventHooks
@@ -549,9 +550,12 @@ class Coordinator:
         """Whether the plan is a rebuild that must wait for the pre-run/ lines; if so they are
         started (in the background) and the kernel has checked the plan already, so that a
         refusal is known now (a reload is refused at once), not after them."""
-        if self.hook_runner.pre_run_ready() or not self.datapath.backend.needs_rebuild(plan):
+        if self.hook_runner.pre_run_ready():
             return False
-        self.datapath.backend.check(plan)
+        transaction = self.datapath.backend.prepare(plan)
+        if transaction.kind is not ApplyKind.FULL:
+            return False
+        transaction.check()
         self.hook_runner.start_pre_run()
         self._rebuild_waits = True
         return True
@@ -566,7 +570,7 @@ class Coordinator:
         if [link.name for link in config.links] != self._names():
             raise _RebuildWaits
         plan = self._plan(config, extras, facts, usable)
-        if self.datapath.backend.needs_rebuild(plan):
+        if self.datapath.backend.prepare(plan).kind is ApplyKind.FULL:
             raise _RebuildWaits
         return plan
 

@@ -81,12 +81,13 @@ class Datapath:
         *,
         pre_run: Callable[[], Awaitable[object]] | None = None,
     ) -> ApplyReport:
-        rebuild = self.backend.needs_rebuild(plan)
-        self.backend.check(plan)
+        transaction = self.backend.prepare(plan)
+        transaction.check()
+        rebuild = transaction.kind is ApplyKind.FULL
         if rebuild and pre_run is not None:
             await pre_run()
         routes, sysctls = await self._apply_routing(ipr, plan)
-        kind = self.backend.apply(plan)
+        kind = transaction.commit()
         return ApplyReport(kind, routes, sysctls, rebuilt=rebuild)
 
     async def _apply_routing(

@@ -456,7 +456,7 @@ def test_iptables_backend_refuses_nftables_hook_lines() -> None:
     plan = weighted()
     hooked = replace(plan, nft_hook_lines=(HookLine("/f/01", 3, "add x"),))
     with pytest.raises(HookError, match="/f/01:3: nftables commands need the nftables backend"):
-        IptablesBackend().check(hooked)
+        IptablesBackend().prepare(hooked)
 
 
 def _nft(kind: str, **fields: Any) -> dict[str, Any]:

@@ -89,7 +89,11 @@ def test_weighted_plan_ratio_and_failover_map_only() -> None:
     one = planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP2"})
     assert set(one.dispatches[0].targets) == {2}
     backend = FakeBackend()
-    assert [backend.apply(both), backend.apply(both), backend.apply(one)] == [
+    assert [
+        backend.prepare(both).commit(),
+        backend.prepare(both).commit(),
+        backend.prepare(one).commit(),
+    ] == [
         "full",
         "none",
         "maps",

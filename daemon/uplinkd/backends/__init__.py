@@ -6,7 +6,7 @@ import logging
 
 from ..errors import BackendUnavailableError
 from ..nftlib import NftError
-from .base import AppliedState, ApplyKind, Backend
+from .base import AppliedState, ApplyKind, Backend, Transaction
 from .iptables import IptablesBackend
 from .nftables import NftablesBackend
 
@@ -48,5 +48,6 @@ __all__ = [
     "Backend",
     "IptablesBackend",
     "NftablesBackend",
+    "Transaction",
     "get_backend",
 ]

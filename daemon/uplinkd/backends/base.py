@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Protocol
@@ -27,6 +27,30 @@ class AppliedState:
     up_links: frozenset[int] = frozenset()  # ids of the links that were up when it was applied
 
 
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """Bringing the kernel to one plan, as prepared from one read of what it holds: `kind` says
+    what committing changes. check() has the kernel validate a rebuild without committing it
+    (a map update needs none); commit() applies it, all or nothing (raises if refused)."""
+
+    kind: ApplyKind
+    _check: Callable[[], None] = _nothing
+    _commit: Callable[[], None] = _nothing
+
+    def check(self) -> None:
+        if self.kind is ApplyKind.FULL:
+            self._check()
+
+    def commit(self) -> ApplyKind:
+        if self.kind is not ApplyKind.NONE:
+            self._commit()
+        return self.kind
+
+
 @dataclass(frozen=True)
 class Learned:
     """A destination fastest-response learned: the link that answered first, for how long."""
@@ -44,23 +68,25 @@ class Backend(Protocol):
     def render(self, plan: Plan) -> str:
         """The complete ruleset as text a person (and `nft -f`) can read."""
 
-    def needs_rebuild(self, plan: Plan) -> bool:
-        """Whether applying the plan changes more than map contents."""
-
-    def check(self, plan: Plan) -> None:
-        """Have the kernel validate the transaction without committing it; raise if refused."""
-
-    def apply(self, plan: Plan) -> ApplyKind:
-        """Bring the kernel to the plan in one transaction; all or nothing."""
+    def prepare(self, plan: Plan) -> Transaction:
+        """The transaction that brings the kernel to the plan: what the kernel holds is read
+        (once), what must change is rendered (once); nothing is changed yet."""
 
     def read_back(self) -> AppliedState | None:
-        """What uplinkd's ruleset in the kernel currently holds; None if there is none."""
+        """What uplinkd's ruleset in the kernel currently holds (all of it: a daemon starting
+        adopts it); None if there is none."""
 
     def learn(
-        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+        self,
+        dispatch: str,
+        entries: Mapping[IPv4Address, Learned],
+        *,
+        replace: bool,
+        forget: Collection[IPv4Address] = (),
     ) -> None:
         """Add destinations to a fastest-response rule's learned map (with replace: make them
-        its whole content); ApplyError if the kernel refuses."""
+        its whole content), after deleting those in `forget`; ApplyError if the kernel refuses
+        (one of `forget` not in the map, say: it timed out there)."""
 
     def remove(self) -> bool:
         """Remove everything this backend added; True if there was something to remove."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from ipaddress import IPv4Address
 
+from ..errors import ApplyError
 from ..plan import Plan
-from .base import AppliedState, ApplyKind, Learned
+from .base import AppliedState, ApplyKind, Learned, Transaction
 from .nftables import map_targets, structure_digest, up_link_ids
 
 
@@ -24,13 +25,7 @@ class FakeBackend:
     def render(self, plan: Plan) -> str:
         return f"# fake ruleset {structure_digest(plan)}\n"
 
-    def needs_rebuild(self, plan: Plan) -> bool:
-        return self.state is None or self.state.structure != structure_digest(plan)
-
-    def check(self, plan: Plan) -> None:
-        return None
-
-    def apply(self, plan: Plan) -> ApplyKind:
+    def prepare(self, plan: Plan) -> Transaction:
         wanted = AppliedState(
             structure_digest(plan),
             map_targets(plan),
@@ -39,22 +34,35 @@ class FakeBackend:
         )
         if self.state is None or self.state.structure != wanted.structure:
             kind = ApplyKind.FULL
-        elif self.state.maps != wanted.maps:
+        elif (self.state.maps, self.state.up_links) != (wanted.maps, wanted.up_links):
             kind = ApplyKind.MAPS
         else:
             kind = ApplyKind.NONE
-        self.state = wanted
-        self.applies.append(kind)
-        return kind
+
+        def commit() -> None:
+            self.state = wanted
+            self.applies.append(kind)
+
+        return Transaction(kind, _commit=commit)
 
     def read_back(self) -> AppliedState | None:
         return self.state
 
     def learn(
-        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+        self,
+        dispatch: str,
+        entries: Mapping[IPv4Address, Learned],
+        *,
+        replace: bool,
+        forget: Collection[IPv4Address] = (),
     ) -> None:
         if replace:
             self.learned[dispatch] = {}
+        held = self.learned.setdefault(dispatch, {})
+        if any(address not in held for address in forget):
+            raise ApplyError(f"cannot forget destinations of rule {dispatch}: not in its map")
+        for address in forget:
+            del held[address]
         self.learned.setdefault(dispatch, {}).update(entries)
 
     def remove(self) -> bool:

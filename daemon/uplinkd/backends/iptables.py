@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from itertools import product
@@ -50,7 +50,7 @@ from ..model import Match, Nat, PortRange
 from ..nftlib import Nft, NftError
 from ..plan import UNREACHABLE, Dispatch, Plan, Selector
 from ..validate import FASTEST_NEEDS_NFTABLES
-from .base import AppliedState, ApplyKind, Learned
+from .base import AppliedState, ApplyKind, Learned, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -498,42 +498,43 @@ class IptablesBackend:
         ids = frozenset(i for i in range(up.bit_length()) if up >> i & 1)
         return AppliedState(state.get("structure", ""), maps, names, ids)
 
-    def needs_rebuild(self, plan: Plan) -> bool:
-        current = self.read_back()
-        return current is None or current.structure != structure_digest(plan)
-
     def _refuse_hook_lines(self, plan: Plan) -> None:
         if plan.nft_hook_lines:
             line = plan.nft_hook_lines[0]
             message = "nftables commands need the nftables backend (iptables ones go in post-run/)"
             raise HookError(line.path, message, line=line.line)
 
-    def check(self, plan: Plan) -> None:
-        self._refuse_hook_lines(plan)
-        self.check_available()
-        if self.needs_rebuild(plan):
-            with xtables_lock():
-                gen = self._next_gen()
-                self._build(build(plan, _state(plan)), gen)
-                self._drop(TABLES, gen)
-
-    def apply(self, plan: Plan) -> ApplyKind:
+    def prepare(self, plan: Plan) -> Transaction:
         self._refuse_hook_lines(plan)
         self.check_available()
         current = self.read_back()
         same = current is not None and current.structure == structure_digest(plan)
         up = frozenset(link.id for link in plan.links if link.up)
         if same and current and (current.maps, current.up_links) == (map_targets(plan), up):
-            return ApplyKind.NONE
+            return Transaction(ApplyKind.NONE)
+        rules = build(plan, _state(plan))
+        kind = ApplyKind.MAPS if same else ApplyKind.FULL
+        return Transaction(kind, lambda: self._try(rules), lambda: self._commit(rules, kind))
+
+    def _try(self, rules: Ruleset) -> None:
+        """Build the new generation beside the one in force, then drop it: what the kernel
+        refuses, it refuses here (python-iptables has no check-only mode)."""
         with xtables_lock():
-            rs, gen = build(plan, _state(plan)), self._next_gen()
-            self._build(rs, gen)
-            self._switch(rs, gen)
-        if not same and "nft" in os.path.basename(os.path.realpath(shutil.which("iptables") or "")):
+            gen = self._next_gen()
+            self._build(rules, gen)
+            self._drop(TABLES, gen)
+
+    def _commit(self, rules: Ruleset, kind: ApplyKind) -> None:
+        with xtables_lock():
+            gen = self._next_gen()
+            self._build(rules, gen)
+            self._switch(rules, gen)
+        if kind is ApplyKind.FULL and "nft" in os.path.basename(
+            os.path.realpath(shutil.which("iptables") or "")
+        ):
             log.info(
                 "`iptables` is the nf_tables variant here: iptables-legacy-save shows uplinkd's"
             )
-        return ApplyKind.MAPS if same else ApplyKind.FULL
 
     def _next_gen(self) -> int:
         tables = [self._table(name) for name in legacy_tables()]
@@ -609,7 +610,12 @@ class IptablesBackend:
             table.commit()
 
     def learn(
-        self, dispatch: str, entries: Mapping[IPv4Address, Learned], *, replace: bool
+        self,
+        dispatch: str,
+        entries: Mapping[IPv4Address, Learned],
+        *,
+        replace: bool,
+        forget: Collection[IPv4Address] = (),
     ) -> None:
         raise BackendUnavailableError(FASTEST_NEEDS_NFTABLES)
 
