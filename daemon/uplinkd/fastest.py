@@ -254,9 +254,10 @@ class FastestResponse:
             return
         for name, dispatch in rules.items():
             live = {link.name: link.id for link in plan.links if link.id in dispatch.live}
+            before = self.learned[name]
             valid = [
                 (address, entry)
-                for address, entry in self.learned[name].items()
+                for address, entry in before.items()
                 if entry.expires > now and entry.link in live
             ]
             # A smaller max_learned after a reload keeps the most recently learned.
@@ -264,7 +265,17 @@ class FastestResponse:
             self.learned[name] = kept
             entries = {a: Learned(live[e.link], e.expires - now) for a, e in kept.items()}
             try:
-                self.backend.learn(name, entries, replace=True)
+                if kind is ApplyKind.FULL:  # a new table: its maps are empty
+                    self.backend.learn(name, entries, replace=True)
+                    continue
+                # The same table: only what a link no longer in use won goes (what the kernel
+                # timed out itself is not asked for), not a rewrite of the whole map.
+                gone = [a for a, e in before.items() if a not in kept and e.expires > now]
+                if gone:
+                    try:
+                        self.backend.learn(name, {}, replace=False, forget=gone)
+                    except UplinkdError:  # one timed out in the kernel meanwhile
+                        self.backend.learn(name, entries, replace=True)
             except UplinkdError as exc:
                 log.error("rule %s: cannot restore its learned destinations: %s", name, exc)
 

@@ -103,16 +103,29 @@ def test_learned_destinations_follow_the_links_in_use_and_expire() -> None:
         B: Entry("ISP2", clock.now + 100),
         C: Entry("ISP3", clock.now + 5),
     }
-    clock.now += 10  # C has expired
+    backend.learned[WEB] = {A: Learned(1, 100.0), B: Learned(2, 100.0), C: Learned(3, 5.0)}
+    clock.now += 10  # C has expired (in the kernel too, which the fake does not do)
     fastest.on_apply(plan({"ISP1", "ISP3"}), ApplyKind.MAPS)  # ISP2 went down
-    assert backend.learned == {WEB: {A: Learned(1, 90.0)}}
+    # B, won by ISP2, is deleted; A is left as it was (before: the whole map rewritten).
+    assert backend.learned == {WEB: {A: Learned(1, 100.0), C: Learned(3, 5.0)}}
     assert set(fastest.learned[WEB]) == {A}
+    del backend.learned[WEB][C]
     fastest.on_apply(plan({"ISP1", "ISP3"}), ApplyKind.NONE)  # nothing changed: no rewrite
     backend.learned.clear()
     fastest.on_apply(plan({"ISP1", "ISP3"}), ApplyKind.NONE)
     assert backend.learned == {}
     fastest.on_apply(plan({"ISP1", "ISP3"}), ApplyKind.FULL)  # a rebuilt table gets them back
     assert backend.learned == {WEB: {A: Learned(1, 90.0)}}
+
+
+def test_a_destination_gone_from_the_kernel_meanwhile_has_the_map_written_whole() -> None:
+    fastest, backend, clock, _ = component()
+    fastest.on_apply(plan({"ISP1", "ISP2"}), ApplyKind.FULL)
+    fastest.learned[WEB] = {A: Entry("ISP1", clock.now + 100), B: Entry("ISP2", clock.now + 100)}
+    backend.learned[WEB] = {A: Learned(1, 100.0)}  # B timed out there first
+    fastest.on_apply(plan({"ISP1"}), ApplyKind.MAPS)
+    assert backend.learned == {WEB: {A: Learned(1, 100.0)}}  # refused delete: written whole
+    assert set(fastest.learned[WEB]) == {A}
 
 
 def test_a_rule_that_stops_being_fastest_response_forgets_and_stops_listening() -> None:
