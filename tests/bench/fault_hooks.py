@@ -6,7 +6,7 @@ configuration) with uplinkd's defaults in failover mode; the hook is set going, 
 carrier is cut (failover.py's trial) while it runs, twice per daemon. Cases:
 
 - ``py-sleep``: post-run/10.slow.py sleeps 30 s; added while the daemon runs (seen within
-  HOOK_RESCAN_S), run again on each apply, killed at HOOK_TIMEOUT_S;
+  HOOK_RESCAN_S), run again on each apply, killed at HOOK_TIMEOUT_S (the case waits for it);
 - ``py-syntax``: firewall/10.forward.py gets a syntax error while the daemon runs;
 - ``routes-sleep``: a routes/ line `sleep 29.5; true`, run after each rebuild (a reload that
   adds or removes a rule, before each trial);
@@ -359,6 +359,8 @@ def one_case(lab: Lab, tmp: Path, name: str, trials: int) -> Case:
             before, active = setup(watched, case)
             carrier_trials(watched, case, min(2, trials - 2 * index), active, before)
             case.repeats += 1
+            if name in ("py-sleep", "routes-sleep"):  # the trials end before the time limit
+                watched.daemon.log.wait_for(": killed after", const.HOOK_TIMEOUT_S + 5)
             healthy_down = watched.count("link ISP2: up -> ")
             if name == "foreign-owned":
                 _config_checks(watched, tally)
