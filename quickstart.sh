@@ -44,10 +44,11 @@ install_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$python" -m venv "$VENV"
     fi
-    if ! "$VENV/bin/python" -c 'import uplinkd, pytest, mypy' 2>/dev/null \
-        || [ pyproject.toml -nt "$VENV/.installed" ]; then
+    if ! "$VENV/bin/python" -c 'import uplinkd, uplinkd_lab, pytest, mypy' 2>/dev/null \
+        || [ pyproject.toml -nt "$VENV/.installed" ] \
+        || [ daemon/lab/pyproject.toml -nt "$VENV/.installed" ]; then
         "$VENV/bin/pip" install -q --upgrade pip
-        "$VENV/bin/pip" install -q -e '.[test]'
+        "$VENV/bin/pip" install -q -e '.[test]' -e ./daemon/lab
         touch "$VENV/.installed"
     fi
 }
@@ -55,7 +56,7 @@ install_venv() {
 case "${1:-}" in
     demo)
         need_root; install_debs; install_venv
-        exec "$VENV/bin/python" -m uplinkd.demo "${@:2}"
+        exec "$VENV/bin/python" -m uplinkd_lab.demo "${@:2}"
         ;;
     test)
         install_debs_if_root() { [ "$(id -u)" = 0 ] && install_debs || true; }

@@ -11,11 +11,14 @@ from pathlib import Path
 
 from pyroute2 import AsyncIPRoute
 
-from . import __version__, conntrack, const, hooks, instance
-from .backends import BACKEND_NAMES, get_backend
-from .daemon import Daemon, load_config, plan_with, prepare
-from .datapath import Datapath
+from . import __version__, const
+from .datapath import conntrack
+from .datapath.apply import Datapath
+from .datapath.backends import BACKEND_NAMES, get_backend
 from .errors import ConfigError, HookError, LinkRoutesError, UplinkdError
+from .hooks import stages
+from .runtime import instance
+from .runtime.daemon import Daemon, load_config, plan_with, prepare
 
 log = logging.getLogger("uplinkd")
 
@@ -95,10 +98,10 @@ async def _once(args: argparse.Namespace) -> int:
     refused: dict[str, str] = {}
     async with AsyncIPRoute() as ipr:
         prepared = await prepare(ipr, config, args.services)
-        outcomes: list[hooks.CommandOutcome] = []
+        outcomes: list[stages.CommandOutcome] = []
 
         async def pre_run() -> None:
-            outcomes.extend(await hooks.run_commands(prepared.hooks.commands, {"pre-run"}))
+            outcomes.extend(await stages.run_commands(prepared.hooks.commands, {"pre-run"}))
 
         while True:  # each refusal takes at least one link out: bounded by the links
             try:
@@ -110,7 +113,7 @@ async def _once(args: argparse.Namespace) -> int:
                 refused |= exc.failed
                 prepared = await plan_with(config, prepared.facts, prepared.up - set(exc.failed))
         if report.rebuilt:  # a one-shot may wait for them: each is time-boxed all the same
-            after = await hooks.run_commands(prepared.hooks.commands, {"routes", "post-run"})
+            after = await stages.run_commands(prepared.hooks.commands, {"routes", "post-run"})
             outcomes.extend(after)
     failed = [outcome for outcome in outcomes if outcome.problem is not None]
     for outcome in failed:
@@ -178,9 +181,7 @@ async def _change(args: argparse.Namespace) -> int:
         return await _once(args)
     if args.stop:
         return await _stop(args)
-    daemon = Daemon(args.config, args.services, dbus=not args.no_dbus)
-    if args.backend:  # the coordinator shares this datapath, so it applies with this backend
-        daemon.datapath.backend = get_backend(args.backend)
+    daemon = Daemon(args.config, args.services, dbus=not args.no_dbus, backend=args.backend)
     await daemon.run()
     return 0
 

@@ -60,9 +60,9 @@ HOOK_RESCAN_S: Final = 2.0
 
 DEFAULT_CONFIG_PATH: Final = "/etc/uplinkd/uplinkd.toml"
 
-# Link monitoring (link.py). Probe rounds kept for the loss percentage: 20 rounds give 5 % steps, so
-# the 20 %/10 % thresholds (uplinkd's, and Net-ISP-Balance's lsm.conf) are exact, and span 4 s at
-# 200 ms probing.
+# Link monitoring (monitor/link.py). Probe rounds kept for the loss percentage: 20 rounds give
+# 5 % steps, so the 20 %/10 % thresholds (uplinkd's, and Net-ISP-Balance's lsm.conf) are exact,
+# and span 4 s at 200 ms probing.
 LOSS_WINDOW_ROUNDS: Final = 20
 # Flap damping: a link that stays up this long is stable again and its flap count is forgotten.
 FLAP_WINDOW_S: Final = 60.0

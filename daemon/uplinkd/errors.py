@@ -53,3 +53,7 @@ class LinkRoutesError(ApplyError):
 
 class BackendUnavailableError(UplinkdError):
     """The chosen netfilter backend cannot work on this host."""
+
+
+class UnknownLinkError(UplinkdError):
+    """A request named a link or device that the configuration does not have."""

@@ -71,10 +71,12 @@ def sampled(limit: int, budget: float) -> Iterator[int]:
 
 async def _measure(path: Path, reps: int, full_reps: int, budget: float) -> dict[str, object]:
     from pyroute2 import AsyncIPRoute  # noqa: PLC0415 - the worker alone needs the daemon's modules
-    from uplinkd import config as loader  # noqa: PLC0415
-    from uplinkd import discovery, hooks, planner  # noqa: PLC0415
-    from uplinkd.backends import ApplyKind, NftablesBackend  # noqa: PLC0415
-    from uplinkd.datapath import Datapath  # noqa: PLC0415
+    from uplinkd.config import loading as loader  # noqa: PLC0415
+    from uplinkd.datapath.apply import Datapath  # noqa: PLC0415
+    from uplinkd.datapath.backends import ApplyKind, NftablesBackend  # noqa: PLC0415
+    from uplinkd.facts import discovery  # noqa: PLC0415
+    from uplinkd.hooks import stages  # noqa: PLC0415
+    from uplinkd.planning import planner  # noqa: PLC0415
 
     config = loader.load(path)
     bigger = path.with_name("bigger.toml")
@@ -88,7 +90,7 @@ async def _measure(path: Path, reps: int, full_reps: int, budget: float) -> dict
     timings: dict[str, list[float]] = {"plan_s": [], "apply_s": [], "rebuild_s": []}
     async with AsyncIPRoute() as ipr:
         facts, _ = await discovery.discover(ipr, config.links)
-        found = await hooks.load(config, facts, names)
+        found = await stages.load(config, facts, names)
 
         async def apply(cfg: object, up: set[str], kind: ApplyKind, key: str | None) -> None:
             begin = time.perf_counter()

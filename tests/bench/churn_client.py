@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 CHURN = Path(__file__).with_name("churn.py")
 

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab
+from uplinkd_lab.lab import DEVICE_FAULTS, INET_HOST, Lab
 
 from tests.integration.conftest import Uplinkd
 

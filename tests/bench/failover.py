@@ -44,7 +44,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TypeVar
 
-from uplinkd.lab import INET_HOST, Lab, LabError
+from uplinkd_lab.lab import INET_HOST, Lab, LabError
 
 from tests.integration.conftest import Daemon, Uplinkd
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from tests.integration.privatebus import private_bus
 

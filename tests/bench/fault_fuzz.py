@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from .fault_kit import Case
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uplinkd import const
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from .failover import TrialError
 from .fault_kit import Case, Watched, carrier_trials, closed_case, processes, wait_until

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from tests.integration.conftest import SILENT_SMTP, in_router, mail_to_admin
 

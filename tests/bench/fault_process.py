@@ -35,8 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from uplinkd.bus import ErrorName
-from uplinkd.lab import BULK_PORT, INET_HOST, Lab, LabError
+from uplinkd.publish.bus import ErrorName
+from uplinkd_lab.lab import BULK_PORT, INET_HOST, Lab, LabError
 
 from tests.integration.privatebus import private_bus
 

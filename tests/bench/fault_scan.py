@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from uplinkd.lab import INET_HOST, Lab, LabError
-from uplinkd.model import Method, Rule
+from uplinkd.config.model import Method, Rule
+from uplinkd_lab.lab import INET_HOST, Lab, LabError
 
 from tests.integration.privatebus import private_bus
 from tests.integration.test_fastest_response import SCAN, SCAN_NET, count_races, learned, raced

@@ -26,7 +26,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from . import fault_bus, fault_fuzz, fault_hooks, fault_mail, fault_process, fault_scan
 from .failover import CLIENT, TrialError

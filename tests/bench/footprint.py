@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from uplinkd.lab import INET_HOST, Lab
-from uplinkd.model import Monitor
+from uplinkd.config.model import Monitor
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from tests.integration.conftest import Uplinkd
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields
 
-from uplinkd.lab import INET_HOST
-from uplinkd.model import Monitor
+from uplinkd.config.model import Monitor
+from uplinkd_lab.lab import INET_HOST
 
 SETTINGS: dict[str, Monitor] = {
     "uplinkd": Monitor(),

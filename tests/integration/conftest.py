@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 TWO_LINKS = """
 [[link]]
@@ -211,7 +211,8 @@ def tracked_marks(lab: Lab, port: int = 80) -> dict[int, int]:
 
 
 LEGACY_CHECK = (
-    "from uplinkd.backends.iptables import IptablesBackend; IptablesBackend().check_available()"
+    "from uplinkd.datapath.backends.iptables import IptablesBackend\n"
+    "IptablesBackend().check_available()"
 )
 
 

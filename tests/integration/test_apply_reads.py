@@ -12,7 +12,7 @@ import json
 import sys
 
 import pytest
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from .conftest import TWO_LINKS, legacy_usable, needs_root
 
@@ -23,10 +23,11 @@ CONFIG = TWO_LINKS.format(w1=1, w2=1) + '\n[default]\nmethod = "fastest-response
 WORKER = r"""
 import ipaddress, json, sys, tempfile
 from pathlib import Path
-from uplinkd import config as loader, planner
-from uplinkd.backends import get_backend
-from uplinkd.backends.base import Learned
-from uplinkd.plan import LinkFacts
+from uplinkd.config import loading as loader
+from uplinkd.planning import planner
+from uplinkd.datapath.backends import get_backend
+from uplinkd.datapath.backends.base import Learned
+from uplinkd.planning.plan import LinkFacts
 
 backend_name, text, learned = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import INET_HOST, LAN_SERVER, Lab
+from uplinkd_lab.lab import INET_HOST, LAN_SERVER, Lab
 
 from .conftest import TWO_LINKS, Uplinkd, needs_root, stop_all, tracked_marks
 

@@ -23,9 +23,11 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from uplinkd import bus as bus_module
 from uplinkd import const
-from uplinkd.bus import (
+from uplinkd.errors import ConfigError, UplinkdError
+from uplinkd.monitor.link import LinkState, Transition
+from uplinkd.publish import bus as bus_module
+from uplinkd.publish.bus import (
     INTERNAL_MESSAGE,
     LINK_INTERFACE,
     MANAGER_INTERFACE,
@@ -34,11 +36,10 @@ from uplinkd.bus import (
     ErrorName,
     link_path,
 )
-from uplinkd.errors import ConfigError, UplinkdError
-from uplinkd.link import LinkState, Transition
+
+from tests.fakes.controller import FakeController, link_status
 
 from ..unit.test_bus_contract import contract, served_view
-from .fake_controller import FakeController, link_status
 from .privatebus import PrivateBus, private_bus
 
 PROPERTIES = "org.freedesktop.DBus.Properties"

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
-from .conftest import Uplinkd, needs_root, wait_until
+from .conftest import TWO_LINKS, Uplinkd, needs_root, wait_until
 from .privatebus import private_bus
 from .test_ctl import uplinkctl
 
@@ -196,3 +196,22 @@ def test_reloads_over_d_bus_and_sighup_are_logged_and_follow_the_links(
         daemon.send(signal.SIGHUP)
         assert wait_until(lambda: bus_links(bus.address) == {"ISP1", "ISP2"}, 5)
         daemon.stop()
+
+
+def test_a_reload_that_changes_the_backend_is_refused_naming_it(uplinkd: Uplinkd) -> None:
+    """The backend is chosen once, at start: a reload to another is refused with a message,
+    the running datapath untouched (before: the reload went through and the change was
+    silently ignored)."""
+    text = TWO_LINKS.format(w1=1, w2=1)
+    config = uplinkd.write_config(text)
+    daemon = uplinkd.start(config)
+    state = uplinkd.kernel_state()
+    config.write_text('backend = "iptables"\n' + text)
+    daemon.send(signal.SIGHUP)
+    refused = "reload refused, keeping the running configuration: "
+    assert daemon.log.wait_for(refused), daemon.log.text
+    assert f"{config}: backend: 'iptables', but the daemon runs the nftables backend" in (
+        daemon.log.text
+    )
+    assert daemon.running
+    assert uplinkd.kernel_state() == state

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from uplinkd import conntrack
+from uplinkd.datapath import conntrack
 from uplinkd.errors import ApplyError
 
 needs_root = pytest.mark.skipif(

@@ -20,13 +20,14 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
-from uplinkd.bus import BusService
 from uplinkd.errors import UplinkdError
-from uplinkd.link import LinkState, Transition
-from uplinkd.status import LinkStatus
+from uplinkd.monitor.link import LinkState, Transition
+from uplinkd.publish.bus import BusService
+from uplinkd.publish.status import LinkStatus
+
+from tests.fakes.controller import FakeController, link_status
 
 from .conftest import first_line
-from .fake_controller import FakeController, link_status
 from .privatebus import REPO, private_bus
 
 pytestmark = [

@@ -23,8 +23,8 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from uplinkd import const
-from uplinkd.bus import LINK_INTERFACE, MANAGER_INTERFACE, link_path
-from uplinkd.lab import Lab
+from uplinkd.publish.bus import LINK_INTERFACE, MANAGER_INTERFACE, link_path
+from uplinkd_lab.lab import Lab
 
 from .conftest import Uplinkd, first_line, needs_root, wait_until
 from .privatebus import PrivateBus, private_bus

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import DEVICE_FAULTS, INET_HOST, Lab
+from uplinkd_lab.lab import DEVICE_FAULTS, INET_HOST, Lab
 
 from .conftest import Uplinkd, needs_root, stop_all, wait_until
 from .test_failover import MONITORED, both_used, start

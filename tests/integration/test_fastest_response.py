@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import DEST_A, DEST_B, INET_HOST, Lab
-from uplinkd.labdelay import unsupported
+from uplinkd_lab.delay import unsupported
+from uplinkd_lab.lab import DEST_A, DEST_B, INET_HOST, Lab
 
 from .conftest import TWO_LINKS, Daemon, Uplinkd, needs_root, wait_until
 from .privatebus import PrivateBus, private_bus

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from uplinkd import const
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from .conftest import APPLIED, Daemon, Uplinkd, needs_root, wait_until
 from .test_failover import MONITORED as FAILOVER_LINKS

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from .conftest import Uplinkd, needs_root, wait_until
 from .test_failover import MONITORED as FAILOVER_LINKS

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from .conftest import TWO_LINKS, Uplinkd, legacy_usable, needs_root, wait_until
 from .test_balancing import ENFORCED

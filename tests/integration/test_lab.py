@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from uplinkd.lab import INET_HOST, Lab, LabError, cleanup_stale
+from uplinkd_lab.lab import INET_HOST, Lab, LabError, cleanup_stale
 
 pytestmark = [
     pytest.mark.lab,
@@ -128,7 +128,7 @@ def test_cleanup_stale_after_crash() -> None:
     prefix = _prefix("c")
     script = (
         "import sys, time\n"
-        "from uplinkd.lab import Lab, INET_HOST\n"
+        "from uplinkd_lab.lab import Lab, INET_HOST\n"
         f"lab = Lab(isps=1, prefix={prefix!r}).__enter__()\n"
         "lab.start_server(lab.ns_inet, INET_HOST, [80])\n"
         "print('up', flush=True)\n"

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from uplinkd.lab import DEST_A, DEST_B, INET_HOST, Lab, LabError, cleanup_stale
-from uplinkd.labdelay import DelayError, per_direction_loss, unsupported
+from uplinkd_lab.delay import DelayError, per_direction_loss, unsupported
+from uplinkd_lab.lab import DEST_A, DEST_B, INET_HOST, Lab, LabError, cleanup_stale
 
 pytestmark = [
     pytest.mark.lab,
@@ -282,7 +282,7 @@ def test_cleanup_stale_after_crash_with_delay_programs(delay_link: None) -> None
     prefix = f"ts{os.getpid() % 10000}"
     script = (
         "import time\n"
-        "from uplinkd.lab import Lab\n"
+        "from uplinkd_lab.lab import Lab\n"
         f"lab = Lab(isps=1, prefix={prefix!r}, latency_ms=20.0, hops=True).__enter__()\n"
         "print(*(p.proc.pid for p in lab.delay_programs.values()), flush=True)\n"
         "time.sleep(60)\n"

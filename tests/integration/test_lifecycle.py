@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from .conftest import TWO_LINKS, Uplinkd, needs_root
 

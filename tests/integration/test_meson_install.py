@@ -167,11 +167,57 @@ def test_the_launchers_are_executable_and_run_the_installed_package(
 
 
 def test_the_package_imports_from_the_destdir(default_install: Install, tmp_path: Path) -> None:
-    modules = "uplinkd, uplinkd.cli, uplinkd.ctl, uplinkd.daemon, uplinkd.backends.nftables"
+    modules = "uplinkd, uplinkd.cli, uplinkd.ctl, uplinkd.runtime.daemon"
+    modules += ", uplinkd.datapath.backends.nftables"
     code = f"import {modules}; print(uplinkd.__file__)"
     found = run([sys.executable, "-c", code], env=default_install.env(), cwd=tmp_path)
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()) == default_install.package() / "__init__.py"
+
+
+def test_the_install_holds_the_daemon_alone(default_install: Install) -> None:
+    """The daemon's sources and nothing else: no lab, no fakes (issue 13)."""
+    package = default_install.package()
+    installed = {
+        path.relative_to(package) for path in package.rglob("*") if "__pycache__" not in path.parts
+    }
+    installed = {path for path in installed if (package / path).is_file()}
+    sources = {
+        path.relative_to(PACKAGE)
+        for path in PACKAGE.rglob("*")
+        if path.suffix == ".py" or path.name == "py.typed"
+    }
+    assert installed == sources
+    site = package.parent
+    assert sorted(p.name for p in site.iterdir() if p.name != "__pycache__") == ["uplinkd"]
+
+
+# Every module of the package imported with the test and lab extras (and the lab) made
+# unimportable: the daemon needs its base dependencies alone.
+IMPORT_ALL = """
+import importlib, importlib.abc, pkgutil, sys
+EXTRAS = {"pytest", "aiosmtpd", "netfilterqueue", "uplinkd_lab", "tests", "mypy", "ruff"}
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ImportError(f"{name} is not a base dependency")
+        return None
+sys.meta_path.insert(0, Refuse())
+import uplinkd
+names = [m.name for m in pkgutil.walk_packages(uplinkd.__path__, "uplinkd.")]
+for name in names:
+    importlib.import_module(name)
+print(len(names))
+"""
+
+
+def test_every_module_imports_without_the_test_or_lab_extras(
+    default_install: Install, tmp_path: Path
+) -> None:
+    found = run([sys.executable, "-c", IMPORT_ALL], env=default_install.env(), cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    modules = [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert int(found.stdout) >= len(modules)
 
 
 def test_the_bus_policy_names_the_admin_group(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from uplinkd import const
-from uplinkd.netlink import EventKind, NetEvent, NetlinkWatcher
+from uplinkd.monitor.netlink import EventKind, NetEvent, NetlinkWatcher
 
 pytestmark = [
     pytest.mark.lab,

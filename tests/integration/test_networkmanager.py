@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from .conftest import Daemon, Uplinkd, needs_root, wait_until
 from .privatebus import PrivateBus, private_bus

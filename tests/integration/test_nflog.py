@@ -31,7 +31,7 @@ table ip nflogtest {{
 """
 LISTENER = f"""
 import asyncio, json, time
-from uplinkd.nflog import NflogListener
+from uplinkd.datapath.nflog import NflogListener
 
 def show(p):
     print(json.dumps(dict(prefix=p.prefix, protocol=p.protocol, src=str(p.src), dst=str(p.dst),
@@ -56,7 +56,7 @@ for port in (4242, 4242, 4243):
     s.close()
 """
 BIND_ONLY = f"""
-from uplinkd.nflog import NflogError, NflogListener
+from uplinkd.datapath.nflog import NflogError, NflogListener
 try:
     NflogListener({GROUP}, print).open()
 except NflogError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from uplinkd.lab import INET_HOST, Lab
+from uplinkd_lab.lab import INET_HOST, Lab
 
 from .conftest import Uplinkd, check_nft_readback, needs_root, wait_until
 

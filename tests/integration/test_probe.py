@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pytest
-from uplinkd.probe import Prober, ProbeRound
+from uplinkd.monitor.icmp import Prober, ProbeRound
 
 pytestmark = [
     pytest.mark.lab,
@@ -308,7 +308,7 @@ def test_missing_source_address_then_update(lab: Topo) -> None:
 
 def test_firewall_refusal_is_a_loss(lab: Topo, caplog: pytest.LogCaptureFixture) -> None:
     """An output firewall dropping link 2's probes (EPERM on send) costs only those probes."""
-    caplog.set_level(logging.DEBUG, logger="uplinkd.probe")
+    caplog.set_level(logging.DEBUG, logger="uplinkd")
     r1, r2 = Recorder(), Recorder()
 
     async def body() -> None:

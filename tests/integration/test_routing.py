@@ -17,9 +17,11 @@ from typing import TypeVar
 
 import pytest
 from pyroute2 import AsyncIPRoute
-from uplinkd import const, discovery, routing
-from uplinkd.model import Firewall, LinkConfig
-from uplinkd.plan import Plan, RouteSpec, RuleAction, RuleSpec
+from uplinkd import const
+from uplinkd.config.model import Firewall, LinkConfig
+from uplinkd.datapath import routing
+from uplinkd.facts import discovery
+from uplinkd.planning.plan import Plan, RouteSpec, RuleAction, RuleSpec
 
 pytestmark = [
     pytest.mark.lab,

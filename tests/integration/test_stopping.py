@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from uplinkd import const
-from uplinkd.lab import Lab
+from uplinkd_lab.lab import Lab
 
 from .conftest import (
     SILENT_SMTP,

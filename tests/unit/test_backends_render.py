@@ -14,12 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from uplinkd import planner
-from uplinkd.backends import iptables, nftables
-from uplinkd.backends.iptables import IptablesBackend, iptables_nft_tables, refuse_mark
-from uplinkd.errors import ApplyError, BackendUnavailableError, HookError
-from uplinkd.fastest import MAX_RACES
-from uplinkd.model import (
+from uplinkd.config.model import (
     Firewall,
     HashBy,
     Match,
@@ -29,7 +24,12 @@ from uplinkd.model import (
     PortRange,
     Rule,
 )
-from uplinkd.plan import UNREACHABLE, HookLine, Plan, Selector
+from uplinkd.datapath.backends import iptables, nftables
+from uplinkd.datapath.backends.iptables import IptablesBackend, iptables_nft_tables, refuse_mark
+from uplinkd.errors import ApplyError, BackendUnavailableError, HookError
+from uplinkd.planning import planner
+from uplinkd.planning.plan import UNREACHABLE, HookLine, Plan, Selector
+from uplinkd.runtime.fastest import MAX_RACES
 
 from .test_planner import config, facts
 

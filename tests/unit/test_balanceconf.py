@@ -7,9 +7,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from uplinkd import balanceconf, config, daemon
+from uplinkd.config import balanceconf, loading
+from uplinkd.config.model import Config, Method, Monitor
 from uplinkd.errors import ConfigError
-from uplinkd.model import Config, Method, Monitor
+from uplinkd.runtime import daemon
 
 from . import expect
 
@@ -39,7 +40,7 @@ def refused(text: str, line: int, key: str, *fragments: str) -> ConfigError:
 
 
 def test_example_file() -> None:
-    loaded = config.load(EXAMPLES / "balance.conf")
+    loaded = loading.load(EXAMPLES / "balance.conf")
     assert loaded.format == "balance.conf"
     cable, dsl = loaded.links
     assert (cable.name, cable.device, cable.weight, cable.priority) == ("CABLE", "eth0", 2, 1)
@@ -245,7 +246,7 @@ def test_host_names_are_kept_for_the_daemon_to_resolve() -> None:
 def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path: Path) -> None:
     path = tmp_path / "balance.conf"
     path.write_bytes(b"\xef\xbb\xbfISP1 eth0 isp 1.1.1.1\nLAN eth1 lan\n")
-    loaded = config.load(path)
+    loaded = loading.load(path)
     assert loaded.format == "balance.conf"
     assert [link.name for link in loaded.links] == ["ISP1"]
     assert parse("\ufeffISP1 eth0 isp 1.1.1.1\n").links[0].name == "ISP1"

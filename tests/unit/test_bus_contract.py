@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from dbus_fast import introspection as intr
-from uplinkd import bus
 from uplinkd.errors import UplinkdError
-from uplinkd.status import LinkStatus, Overall, Snapshot
+from uplinkd.publish import bus
+from uplinkd.publish.status import LinkStatus, Overall, Snapshot
 
 CONTRACT = Path(__file__).resolve().parents[2] / "dbus" / "org.uplinkd.Uplinkd1.xml"
 

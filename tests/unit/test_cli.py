@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from uplinkd import cli, instance
+from uplinkd import cli
+from uplinkd.runtime import instance
 
 
 @pytest.mark.parametrize("part", ["nft", "ip", "all"])

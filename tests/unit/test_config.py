@@ -10,9 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from uplinkd import config
-from uplinkd.errors import ConfigError
-from uplinkd.model import (
+from uplinkd.config import loading
+from uplinkd.config.model import (
     Config,
     HashBy,
     LinkConfig,
@@ -24,6 +23,7 @@ from uplinkd.model import (
     PortRange,
     Rule,
 )
+from uplinkd.errors import ConfigError
 
 from . import expect
 
@@ -46,7 +46,7 @@ targets = ["8.8.8.8", "9.9.9.9"]
 
 
 def parse(extra: str = "", base: str = BASE) -> Config:
-    return config.parse_toml(base + extra, PATH)
+    return loading.parse_toml(base + extra, PATH)
 
 
 def refused(extra: str, line: int, key: str, *fragments: str, base: str = BASE) -> ConfigError:
@@ -57,7 +57,7 @@ def refused(extra: str, line: int, key: str, *fragments: str, base: str = BASE) 
 
 
 def test_example_file_parses() -> None:
-    loaded = config.load(EXAMPLES / "uplinkd.toml")
+    loaded = loading.load(EXAMPLES / "uplinkd.toml")
     assert loaded.format == "toml"
     assert [link.name for link in loaded.links] == ["DSL", "LTE"]
     dsl, lte = loaded.links
@@ -238,9 +238,9 @@ def test_duplicate_devices() -> None:
 
 def test_no_link_at_all() -> None:
     with pytest.raises(ConfigError, match="no link defined"):
-        config.parse_toml('[default]\nmethod = "weighted"\n', PATH)
+        loading.parse_toml('[default]\nmethod = "weighted"\n', PATH)
     with pytest.raises(ConfigError, match=r"write \[\[link\]\] tables"):
-        config.parse_toml('[link]\nname = "DSL"\n', PATH)
+        loading.parse_toml('[link]\nname = "DSL"\n', PATH)
 
 
 @pytest.mark.parametrize(
@@ -579,21 +579,21 @@ def test_bad_mail_settings(mail: str, line: int, key: str, fragment: str) -> Non
 
 def test_validate_checks_configs_built_in_code() -> None:
     loaded = parse()
-    config.validate(loaded)
+    loading.validate(loaded)
     forward = PortForward(
         PortRange(80, 80), ipaddress.IPv4Address("10.0.0.2"), links=("X",), line=7
     )
     with pytest.raises(ConfigError, match=r":7: forward.links: unknown link 'X'"):
-        config.validate(replace(loaded, forwards=(forward,)))
+        loading.validate(replace(loaded, forwards=(forward,)))
     link = LinkConfig("ISP", "eth9", weight=0, targets=(ipaddress.IPv4Address("1.1.1.1"),), line=3)
     with pytest.raises(ConfigError, match=r":3: link.weight: 0 is out of range"):
-        config.validate(replace(loaded, links=(*loaded.links, link)))
+        loading.validate(replace(loaded, links=(*loaded.links, link)))
     rule = Rule("r", Method.FASTEST_RESPONSE, Match(proto="tcp"), line=5)
     with pytest.raises(ConfigError, match=r":5: rule.method: .*needs backend 'nftables'"):
-        config.validate(replace(loaded, rules=(rule,), backend="iptables"))
+        loading.validate(replace(loaded, rules=(rule,), backend="iptables"))
     rule = Rule("r", Method.OVERFLOW, Match(proto="tcp"), line=5)
     with pytest.raises(ConfigError, match=r":5: rule.method: .*'DSL' has no bandwidth_mbps"):
-        config.validate(replace(loaded, rules=(rule,)))
+        loading.validate(replace(loaded, rules=(rule,)))
 
 
 # --- format detection ----------------------------------------------------------------------------
@@ -602,17 +602,17 @@ def test_validate_checks_configs_built_in_code() -> None:
 def test_load_detects_the_format_by_content(tmp_path: Path) -> None:
     toml = tmp_path / "balance.conf"  # the name does not matter
     toml.write_text(BASE)
-    assert config.load(toml).format == "toml"
+    assert loading.load(toml).format == "toml"
     conf = tmp_path / "uplinkd.toml"
     conf.write_text("CABLE eth0 isp 1.1.1.1\nLAN eth1 lan\n")
-    assert config.load(conf).format == "balance.conf"
+    assert loading.load(conf).format == "balance.conf"
 
 
 def test_load_reports_toml_errors_for_toml_files(tmp_path: Path) -> None:
     broken = tmp_path / "uplinkd.toml"
     broken.write_text(BASE + "[[rule]\n")
     with pytest.raises(ConfigError, match="malformed TOML") as caught:
-        config.load(broken)
+        loading.load(broken)
     assert caught.value.line == 11
 
 
@@ -621,7 +621,7 @@ def test_load_refuses_what_is_neither(tmp_path: Path, text: str) -> None:
     path = tmp_path / "x.conf"
     path.write_text(text)
     with pytest.raises(ConfigError, match="neither an uplinkd TOML configuration"):
-        config.load(path)
+        loading.load(path)
 
 
 @pytest.mark.parametrize("text", ["mode=balanced\n", "interval_ms = 200\n"])
@@ -629,12 +629,12 @@ def test_balance_conf_options_without_services(tmp_path: Path, text: str) -> Non
     path = tmp_path / "balance.conf"
     path.write_text(text)
     with pytest.raises(ConfigError, match="no isp service"):
-        config.load(path)
+        loading.load(path)
 
 
 def test_load_refuses_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
-        config.load(tmp_path / "missing.toml")
+        loading.load(tmp_path / "missing.toml")
 
 
 def test_inline_top_level_table_is_located() -> None:
@@ -651,7 +651,7 @@ def test_toml_with_unknown_tables_is_read_as_toml(tmp_path: Path) -> None:
     path = tmp_path / "uplinkd.toml"
     path.write_text('[[links]]\nname = "DSL"\n')
     with pytest.raises(ConfigError, match=r":1: links: unknown key 'links' in the top level"):
-        config.load(path)
+        loading.load(path)
 
 
 # --- issue 11: bounds, byte order marks, syntax errors, device names, host names -----------------
@@ -709,8 +709,8 @@ def test_numbers_at_their_bounds_are_accepted() -> None:
 def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "uplinkd.toml"
     path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
-    assert [link.name for link in config.load(path).links] == ["DSL", "LTE"]
-    assert config.parse_toml("\ufeff" + BASE, PATH).links[0].name == "DSL"
+    assert [link.name for link in loading.load(path).links] == ["DSL", "LTE"]
+    assert loading.parse_toml("\ufeff" + BASE, PATH).links[0].name == "DSL"
 
 
 @pytest.mark.parametrize(
@@ -813,7 +813,7 @@ def test_a_configuration_others_may_write_is_refused(tmp_path: Path, mode: int, 
     path.write_text(BASE)
     path.chmod(mode)
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        loading.load(path)
     assert str(caught.value) == (
         f"{path}: refused: writable by group or others (mode {shown}); "
         "whoever may change it decides what root runs"
@@ -827,7 +827,7 @@ def test_a_configuration_owned_by_another_user_is_refused(tmp_path: Path, name: 
     path.write_text(BASE if name.endswith(".toml") else "CABLE eth0 isp 1.1.1.1\nLAN eth1 lan\n")
     os.chown(path, 65534, 65534)
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        loading.load(path)
     assert str(caught.value) == (
         f"{path}: refused: owned by uid 65534, not root; whoever may change it decides what "
         "root runs"
@@ -839,10 +839,10 @@ def test_a_linked_configuration_is_checked_where_it_points(tmp_path: Path) -> No
     real.write_text(BASE)
     link = tmp_path / "uplinkd.toml"
     link.symlink_to(real)
-    assert config.load(link).links[0].name == "DSL"
+    assert loading.load(link).links[0].name == "DSL"
     real.chmod(0o646)
     with pytest.raises(ConfigError, match=r"uplinkd.toml: refused: writable by group or others"):
-        config.load(link)
+        loading.load(link)
 
 
 MAIL_LOGIN = '[mail]\nsmtp_server = "mail.example.net"\nusername = "router"\npassword = "s3cret"\n'
@@ -854,9 +854,9 @@ def test_a_password_others_may_read_is_warned_about_once(
     path = tmp_path / "uplinkd.toml"
     path.write_text(BASE + MAIL_LOGIN)
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="uplinkd.config"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd"):
         for _ in range(3):  # start and two reloads
-            assert config.load(path).mail.username == "router"
+            assert loading.load(path).mail.username == "router"
     assert [r.getMessage() for r in caplog.records] == [
         f"{path}: holds the [mail] password and others may read it (mode -rw-r--r--); chmod o-r it"
     ]
@@ -869,6 +869,6 @@ def test_no_warning_for_a_private_password_or_none(
     path = tmp_path / "uplinkd.toml"
     path.write_text(BASE + extra)
     path.chmod(mode)
-    with caplog.at_level(logging.WARNING, logger="uplinkd.config"):
-        config.load(path)
+    with caplog.at_level(logging.WARNING, logger="uplinkd"):
+        loading.load(path)
     assert caplog.records == []

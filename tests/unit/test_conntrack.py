@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from uplinkd import conntrack
+from uplinkd.datapath import conntrack
 
 
 def test_each_link_is_tried_and_each_failure_named(

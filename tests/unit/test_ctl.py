@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import uplinkd
 from dbus_fast import Variant
-from uplinkd import bus, ctl
-from uplinkd.status import LinkStatus, Overall, Snapshot
+from uplinkd import ctl
+from uplinkd.publish import bus
+from uplinkd.publish.status import LinkStatus, Overall, Snapshot
 
 NOW = 1_700_000_000.0
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,11 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
-from uplinkd import const, discovery
-from uplinkd.discovery import (
+from uplinkd import const
+from uplinkd.config.model import Config, LanConfig, LinkConfig
+from uplinkd.errors import ConfigError
+from uplinkd.facts import discovery
+from uplinkd.facts.discovery import (
     AddressInfo,
     DeviceInfo,
     RouteInfo,
@@ -18,9 +21,7 @@ from uplinkd.discovery import (
     link_facts,
     select,
 )
-from uplinkd.errors import ConfigError
-from uplinkd.model import Config, LanConfig, LinkConfig
-from uplinkd.plan import LinkFacts
+from uplinkd.planning.plan import LinkFacts
 
 A = IPv4Address
 DEFAULT = IPv4Network("0.0.0.0/0")

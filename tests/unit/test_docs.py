@@ -10,8 +10,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from uplinkd import const
-from uplinkd.link import Link, LinkState
-from uplinkd.model import Monitor
+from uplinkd.config.model import Monitor
+from uplinkd.monitor.link import Link, LinkState
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -159,7 +159,7 @@ def test_example_balance_conf_and_model_quote_net_isp_balance_figures() -> None:
     commented = assignments("\n".join(re.findall(r"^#(\w+=\d+)", example, re.M)))
     given = assignments("\n".join(re.findall(r"^(\w+=\d+)", example, re.M)))
     assert commented | given == NET_ISP_BALANCE
-    model = (ROOT / "daemon" / "uplinkd" / "model.py").read_text()
+    model = (ROOT / "daemon" / "uplinkd" / "config" / "model.py").read_text()
     in_comments = {
         key: int(value)
         for key, value in re.findall(r"^    (\w+): int = \d+  #\D*(\d+)", model, re.M)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from uplinkd.backends.fake import FakeBackend
-from uplinkd.coordinator import Coordinator
-from uplinkd.model import Config
-from uplinkd.plan import Plan
+from uplinkd.config.model import Config
+from uplinkd.planning.plan import Plan
+from uplinkd.runtime.coordinator import Coordinator
+
+from tests.fakes.backend import FakeBackend
 
 from .test_prerun import FACTS, NO_SOCKET, NetfilterOnly, config
 

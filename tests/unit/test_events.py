@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from uplinkd import events
-from uplinkd.events import EventHooks, LinkEvent, ProbeCounters, TargetFigures
-from uplinkd.link import LinkState, LinkStats, TargetStats, Transition
+from uplinkd.hooks import events
+from uplinkd.hooks.events import EventHooks, LinkEvent, ProbeCounters, TargetFigures
+from uplinkd.monitor.link import LinkState, LinkStats, TargetStats, Transition
 
 ROOT = os.geteuid() == 0
 
@@ -139,7 +139,7 @@ def test_refused_files_are_logged_by_name_once_and_not_run(
         hooks_.fire(event(LinkState.UP, LinkState.DOWN))
         assert await hooks_.drain(10)
 
-    with caplog.at_level(logging.WARNING, logger="uplinkd.events"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks.events"):
         asyncio.run(main())
     assert out.read_text().splitlines() == ["good", "good"]
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
@@ -162,7 +162,7 @@ def test_hook_owned_by_another_user_is_refused(
         hooks_.fire(event())
         assert await hooks_.drain(10)
 
-    with caplog.at_level(logging.WARNING, logger="uplinkd.events"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks.events"):
         asyncio.run(main())
     assert not out.exists()
     assert f"{foreign}: refused: owned by uid 65534, not root" in caplog.text
@@ -265,7 +265,7 @@ def test_hanging_and_failing_hooks_never_stall_the_loop(
         ticking.cancel()
         return ticks, fired_in
 
-    with caplog.at_level(logging.INFO, logger="uplinkd.events"):
+    with caplog.at_level(logging.INFO, logger="uplinkd.hooks.events"):
         ticks, fired_in = asyncio.run(main())
     assert fired_in < 0.1  # fire() only schedules
     assert ticks >= 10  # the loop went on while the hook hung (about 50 ticks in 0.5 s)
@@ -305,6 +305,6 @@ def test_no_hooks_for_other_states_and_drain_kills_at_shutdown(
         await asyncio.sleep(0.2)
         return await hooks_.drain(0.2)
 
-    with caplog.at_level(logging.WARNING, logger="uplinkd.events"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks.events"):
         assert asyncio.run(main()) is False
     assert "10-hang: link DSL init -> up: killed at shutdown" in caplog.text

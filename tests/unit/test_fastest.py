@@ -11,11 +11,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from uplinkd import planner
-from uplinkd.backends.base import ApplyKind, Learned
-from uplinkd.backends.fake import FakeBackend
+from uplinkd.config.model import Match, Method, Rule
+from uplinkd.datapath.backends.base import ApplyKind, Learned
+from uplinkd.datapath.nflog import LoggedPacket, NflogError, NflogListener
 from uplinkd.errors import ApplyError
-from uplinkd.fastest import (
+from uplinkd.planning import planner
+from uplinkd.planning.plan import Plan
+from uplinkd.runtime.fastest import (
     MAX_RACES,
     NON_GLOBAL,
     SUMMARY_S,
@@ -25,9 +27,8 @@ from uplinkd.fastest import (
     RaceResult,
     TokenBucket,
 )
-from uplinkd.model import Match, Method, Rule
-from uplinkd.nflog import LoggedPacket, NflogError, NflogListener
-from uplinkd.plan import Plan
+
+from tests.fakes.backend import FakeBackend
 
 from .test_planner import config, facts
 

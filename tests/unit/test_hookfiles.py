@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from uplinkd import hookfiles
+from uplinkd import trust
 from uplinkd.errors import HookError
 
 ROOT = os.geteuid() == 0
@@ -29,7 +29,7 @@ def write(path: Path, text: str = "true\n", mode: int = 0o644) -> Path:
 
 def test_a_safe_file_in_a_safe_directory_is_usable(tmp_path: Path) -> None:
     hook = write(tmp_path / "up.d" / "10-ok")
-    assert hookfiles.usable_files(tmp_path / "up.d", tmp_path) == ([hook], [])
+    assert trust.usable_files(tmp_path / "up.d", tmp_path) == ([hook], [])
 
 
 def test_ancestors_above_the_hook_root_are_not_checked(tmp_path: Path) -> None:
@@ -41,10 +41,10 @@ def test_ancestors_above_the_hook_root_are_not_checked(tmp_path: Path) -> None:
     root = shared / "conf"
     root.mkdir(mode=0o755)
     hook = write(root / "up.d" / "10-ok")
-    assert hookfiles.usable_files(root / "up.d", root) == ([hook], [])
+    assert trust.usable_files(root / "up.d", root) == ([hook], [])
     # The hook root itself in such a directory: refused, as anyone may add files to it.
     write(shared / "up.d" / "10-ok")
-    found, refused = hookfiles.usable_files(shared / "up.d", shared)
+    found, refused = trust.usable_files(shared / "up.d", shared)
     assert (found, refused) == (
         [],
         [
@@ -60,14 +60,14 @@ def test_the_hook_root_may_be_reached_through_a_link(tmp_path: Path) -> None:
     hook = write(real / "up.d" / "10-ok")
     (tmp_path / "etc-uplinkd").symlink_to(real)
     linked = tmp_path / "etc-uplinkd"
-    assert hookfiles.usable_files(linked / "up.d", linked) == ([linked / "up.d" / hook.name], [])
+    assert trust.usable_files(linked / "up.d", linked) == ([linked / "up.d" / hook.name], [])
 
 
 def test_a_linked_hook_directory_is_refused(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     write(elsewhere / "10-ok")
     (tmp_path / "up.d").symlink_to(elsewhere)
-    assert hookfiles.usable_files(tmp_path / "up.d", tmp_path) == (
+    assert trust.usable_files(tmp_path / "up.d", tmp_path) == (
         [],
         [f"{tmp_path / 'up.d'}: refused: a symbolic link (to {elsewhere}); its hooks are not used"],
     )
@@ -79,11 +79,11 @@ def test_subdirectories_backups_and_dot_files_are_skipped(tmp_path: Path) -> Non
     write(tmp_path / "pre-run" / "10-ok~")
     write(tmp_path / "pre-run" / "10-ok.bak")
     write(tmp_path / "pre-run" / ".hidden", mode=0o666)
-    assert hookfiles.usable_files(tmp_path / "pre-run", tmp_path) == ([hook], [])
+    assert trust.usable_files(tmp_path / "pre-run", tmp_path) == ([hook], [])
 
 
 def test_read_text_reads_a_safe_file(tmp_path: Path) -> None:
-    assert hookfiles.read_text(write(tmp_path / "firewall" / "01", "add table inet x\n")) == (
+    assert trust.read_text(write(tmp_path / "firewall" / "01", "add table inet x\n")) == (
         "add table inet x\n"
     )
 
@@ -93,30 +93,30 @@ def test_a_link_swapped_in_after_the_listing_is_not_read(tmp_path: Path) -> None
     whoever could write the directory) is refused at the read, not followed."""
     secret = write(tmp_path / "secret", "add table inet stolen\n")
     hook = write(tmp_path / "firewall" / "01.rules", "add table inet x\n")
-    found, _ = hookfiles.usable_files(tmp_path / "firewall", tmp_path)
+    found, _ = trust.usable_files(tmp_path / "firewall", tmp_path)
     assert found == [hook]
     hook.unlink()
     hook.symlink_to(secret)
     with pytest.raises(HookError, match=r"01.rules: refused: a symbolic link \(to .*secret\)"):
-        hookfiles.read_text(hook)
+        trust.read_text(hook)
 
 
 def test_an_unsafe_file_swapped_in_after_the_listing_is_not_read(tmp_path: Path) -> None:
     hook = write(tmp_path / "routes" / "01", "ip route replace 192.0.2.0/24 dev lan0\n")
-    assert hookfiles.usable_files(tmp_path / "routes", tmp_path)[0] == [hook]
+    assert trust.usable_files(tmp_path / "routes", tmp_path)[0] == [hook]
     hook.unlink()
     write(hook, "ip route replace 0.0.0.0/0 dev evil\n", mode=0o666)
     with pytest.raises(HookError, match=r"refused: writable by group or others \(mode -rw-rw-rw-"):
-        hookfiles.read_text(hook)
+        trust.read_text(hook)
 
 
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     (tmp_path / "routes").mkdir(mode=0o755)
     fifo = tmp_path / "routes" / "01"
     os.mkfifo(fifo, 0o644)
-    assert hookfiles.refusal(fifo) == f"{fifo}: refused: not a regular file"
+    assert trust.refusal(fifo) == f"{fifo}: refused: not a regular file"
     with pytest.raises(HookError, match="not a regular file"):
-        hookfiles.read_text(fifo)
+        trust.read_text(fifo)
 
 
 @needs_root
@@ -124,14 +124,14 @@ def test_a_foreign_file_swapped_in_is_not_read(tmp_path: Path) -> None:
     hook = write(tmp_path / "firewall" / "01", "add table inet x\n")
     os.chown(hook, NOBODY, NOBODY)
     with pytest.raises(HookError, match="refused: owned by uid 65534, not root"):
-        hookfiles.read_text(hook)
+        trust.read_text(hook)
 
 
 def test_each_refusal_is_logged_once_and_again_when_it_comes_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    refusals = hookfiles.RefusalLog()
-    with caplog.at_level(logging.WARNING, logger="uplinkd.hookfiles"):
+    refusals = trust.RefusalLog()
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks.trust"):
         refusals.report("up.d", ["a: refused: x", "b: refused: y"])
         refusals.report("up.d", ["a: refused: x", "b: refused: y"])  # the next event: quiet
         refusals.report("up.d", ["b: refused: y"])  # a fixed
@@ -148,4 +148,4 @@ def test_each_refusal_is_logged_once_and_again_when_it_comes_back(
 
 
 def test_the_running_user_is_trusted_besides_root() -> None:
-    assert hookfiles.trusted_owners() == {0, os.geteuid()}
+    assert trust.trusted_owners() == {0, os.geteuid()}

@@ -1,5 +1,5 @@
 """Hooks beside the event loop: the child protocol, replay, time limits, bounded output, and the
-daemon's policy for a failing hook (hookchild, hooks.run_python, subproc, hookrunner)."""
+daemon's policy for a failing hook (hookchild, stages.run_python, subproc, hookrunner)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from uplinkd import const, ctl, hooks, subproc
-from uplinkd.backends.fake import FakeBackend
-from uplinkd.coordinator import Coordinator
-from uplinkd.datapath import Datapath
+from uplinkd import background, const, ctl
+from uplinkd.config.model import Config, LanConfig, LinkConfig
+from uplinkd.datapath.apply import Datapath
 from uplinkd.errors import HookError
-from uplinkd.hookrunner import HookRunner
-from uplinkd.model import Config, LanConfig, LinkConfig
-from uplinkd.plan import HookLine, LinkFacts
-from uplinkd.status import Snapshot
+from uplinkd.hooks import stages
+from uplinkd.hooks.runner import HookRunner
+from uplinkd.planning.plan import HookLine, LinkFacts
+from uplinkd.publish.status import Snapshot
+from uplinkd.runtime.coordinator import Coordinator
+
+from tests.fakes.backend import FakeBackend
 
 FACTS = [
     LinkFacts(
@@ -32,7 +34,7 @@ FACTS = [
         "LTE", "wan2", ipaddress.IPv4Interface("10.0.2.2/24"), ipaddress.IPv4Address("10.0.2.1")
     ),
 ]
-PACKAGE_ROOT = str(Path(hooks.__file__).resolve().parent.parent)
+PACKAGE_ROOT = str(Path(stages.__file__).resolve().parent.parent)
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def wait_for_pid(path: Path, timeout: float = 5.0) -> int:
 
 def run_child(request: dict[str, object]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "uplinkd.hookchild", str(request["path"])],
+        [sys.executable, "-m", "uplinkd.hooks.child", str(request["path"])],
         input=json.dumps(request),
         capture_output=True,
         text=True,
@@ -160,7 +162,7 @@ def test_replay_checks_arguments_and_names_the_line_of_the_call(config: Config) 
         {"method": "forward", "args": [81, "not-an-ip"], "kwargs": {}, "line": 9},
     ]
     with pytest.raises(HookError) as caught:
-        hooks.replay("/h/10.x.py", calls, hooks.Balancer(config, FACTS, {"DSL"}))
+        stages.replay("/h/10.x.py", calls, stages.Balancer(config, FACTS, {"DSL"}))
     assert str(caught.value).startswith("/h/10.x.py:9: ")
     assert "not-an-ip" in str(caught.value)
 
@@ -170,7 +172,7 @@ def test_replay_makes_rule_names_from_the_recorded_lines(config: Config) -> None
         {"method": "force_route", "args": ["LTE"], "kwargs": {"dport": 25}, "line": 4},
         {"method": "nft", "args": ["add table inet x"], "kwargs": {}, "line": 6},
     ]
-    extras = hooks.replay("/h/10.x.py", calls, hooks.Balancer(config, FACTS, {"DSL"}))
+    extras = stages.replay("/h/10.x.py", calls, stages.Balancer(config, FACTS, {"DSL"}))
     assert [rule.name for rule in extras.rules] == ["10.x.py:4"]
     assert extras.nft_lines == (HookLine("/h/10.x.py", 6, "add table inet x"),)
 
@@ -186,14 +188,14 @@ def test_replay_makes_rule_names_from_the_recorded_lines(config: Config) -> None
 )
 def test_replay_refuses_a_malformed_answer(config: Config, calls: object) -> None:
     with pytest.raises(HookError, match="malformed"):
-        hooks.replay("/h/10.x.py", calls, hooks.Balancer(config, FACTS, {"DSL"}))
+        stages.replay("/h/10.x.py", calls, stages.Balancer(config, FACTS, {"DSL"}))
 
 
 # --- time limits and bounds ----------------------------------------------------------------
 
 
-def python_hook(path: Path) -> hooks.PythonHook:
-    return hooks.PythonHook("post-run", str(path), path.read_text())
+def python_hook(path: Path) -> stages.PythonHook:
+    return stages.PythonHook("post-run", str(path), path.read_text())
 
 
 def test_a_hook_past_its_time_limit_is_killed_with_what_it_started(
@@ -210,7 +212,7 @@ def test_a_hook_past_its_time_limit_is_killed_with_what_it_started(
     )
     begin = time.monotonic()
     with pytest.raises(HookError, match=r"killed after 1\.5 s, its time limit"):
-        asyncio.run(hooks.run_python(python_hook(hook), config, FACTS, {"DSL"}))
+        asyncio.run(stages.run_python(python_hook(hook), config, FACTS, {"DSL"}))
     assert time.monotonic() - begin < 10  # the limit, not the hook's 30 s
     for pid in map(int, pids.read_text().split()):
         assert not alive(pid), pid
@@ -220,10 +222,10 @@ def test_a_command_past_its_time_limit_is_killed_with_its_group(
     tmp_path: Path, short_limit: float
 ) -> None:
     pid_file = tmp_path / "pid"
-    command = hooks.CommandLine(
+    command = stages.CommandLine(
         "routes", "/h/routes/01", 4, f"sleep 30 & echo $! > {pid_file}; wait"
     )
-    outcome = asyncio.run(hooks.run_command(command))
+    outcome = asyncio.run(stages.run_command(command))
     assert outcome.problem is not None
     assert outcome.problem.startswith("/h/routes/01:4: killed after 1.5 s, its time limit")
     assert not alive(wait_for_pid(pid_file))
@@ -231,7 +233,7 @@ def test_a_command_past_its_time_limit_is_killed_with_its_group(
 
 def test_output_is_read_to_the_end_but_only_its_start_is_kept() -> None:
     finished = asyncio.run(
-        subproc.run_bounded(
+        background.run_bounded(
             ["sh", "-c", "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo tail >&2"],
             timeout=30,
             output_limit=100,
@@ -244,8 +246,8 @@ def test_output_is_read_to_the_end_but_only_its_start_is_kept() -> None:
 
 
 def test_a_failing_command_is_named_with_its_output(tmp_path: Path) -> None:
-    command = hooks.CommandLine("post-run", "/h/post-run/01", 2, "echo oops >&2; exit 3")
-    outcome = asyncio.run(hooks.run_command(command))
+    command = stages.CommandLine("post-run", "/h/post-run/01", 2, "echo oops >&2; exit 3")
+    outcome = asyncio.run(stages.run_command(command))
     assert outcome.problem == "/h/post-run/01:2: exit 3: echo oops >&2; exit 3: oops"
 
 
@@ -255,7 +257,7 @@ def test_an_answer_beyond_the_result_limit_is_refused(
     monkeypatch.setattr(const, "HOOK_RESULT_LIMIT", 10_000)
     hook = write(tmp_path, "firewall/10.many.py", 'for i in range(10000):\n    B.nft("x")\n')
     with pytest.raises(HookError, match="more than 10000 bytes"):
-        asyncio.run(hooks.run_python(python_hook(hook), config, FACTS, {"DSL"}))
+        asyncio.run(stages.run_python(python_hook(hook), config, FACTS, {"DSL"}))
 
 
 # --- the daemon's policy ---------------------------------------------------------------------
@@ -272,13 +274,13 @@ class Runner:
     def _changed(self) -> None:
         self.changes += 1
 
-    async def run(self, up: set[str] | None = None) -> hooks.Hooks:
+    async def run(self, up: set[str] | None = None) -> stages.Hooks:
         self.runner.want(self.config, FACTS, up or {"DSL", "LTE"})
         await self.runner._run_if_changed()
         return self.runner.state
 
 
-def forwarded_ports(state: hooks.Hooks) -> list[int]:
+def forwarded_ports(state: stages.Hooks) -> list[int]:
     return [forward.port.first for forward in state.extras.forwards]
 
 
@@ -388,9 +390,9 @@ def test_commands_after_an_apply_run_in_order_and_a_newer_run_replaces_a_pending
 ) -> None:
     log_file = tmp_path / "ran"
 
-    def state(*texts: str) -> hooks.Hooks:
-        lines = [hooks.CommandLine("post-run", "/h/p", n, t) for n, t in enumerate(texts, 1)]
-        return hooks.Hooks(commands=lines)
+    def state(*texts: str) -> stages.Hooks:
+        lines = [stages.CommandLine("post-run", "/h/p", n, t) for n, t in enumerate(texts, 1)]
+        return stages.Hooks(commands=lines)
 
     async def scenario() -> None:
         runner = HookRunner(lambda: None)
@@ -416,8 +418,8 @@ def test_stopping_kills_a_command_still_running(tmp_path: Path) -> None:
 
     async def scenario() -> int:
         runner = HookRunner(lambda: None)
-        command = hooks.CommandLine("routes", "/h/r", 1, f"sleep 30 & echo $! > {pid_file}; wait")
-        runner.state = hooks.Hooks(commands=[command])
+        command = stages.CommandLine("routes", "/h/r", 1, f"sleep 30 & echo $! > {pid_file}; wait")
+        runner.state = stages.Hooks(commands=[command])
         runner.after_apply()
         pid = await asyncio.to_thread(wait_for_pid, pid_file)
         await asyncio.wait_for(runner.stop(), 5)

@@ -10,10 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from uplinkd import const, hooks, planner
+from uplinkd import const
+from uplinkd.config.model import Config, LanConfig, LinkConfig, Method
 from uplinkd.errors import HookError
-from uplinkd.model import Config, LanConfig, LinkConfig, Method
-from uplinkd.plan import LinkFacts
+from uplinkd.hooks import stages
+from uplinkd.planning import planner
+from uplinkd.planning.plan import LinkFacts
 
 FACTS = [
     LinkFacts(
@@ -50,7 +52,7 @@ def test_files_are_read_by_stage_then_name_skipping_backups(tmp_path: Path) -> N
     write(tmp_path, "routes/01.a~", "editor backup\n")
     write(tmp_path, "routes/01.a.bak", "backup\n")
     write(tmp_path, "pre-run/09.z", "true\n")
-    found, refused = hooks.hook_files(tmp_path)
+    found, refused = stages.hook_files(tmp_path)
     assert [f"{stage}/{path.name}" for stage, path in found] == [
         "pre-run/09.z",
         "firewall/01.a",
@@ -62,7 +64,7 @@ def test_files_are_read_by_stage_then_name_skipping_backups(tmp_path: Path) -> N
 
 def test_group_or_world_writable_file_is_refused_by_name(tmp_path: Path) -> None:
     bad = write(tmp_path, "routes/01.open", "true\n", mode=0o664)
-    found, refused = hooks.hook_files(tmp_path)
+    found, refused = stages.hook_files(tmp_path)
     assert found == []
     assert refused == [f"{bad}: refused: writable by group or others (mode -rw-rw-r--)"]
 
@@ -71,7 +73,7 @@ def test_group_or_world_writable_file_is_refused_by_name(tmp_path: Path) -> None
 def test_file_not_owned_by_root_is_refused_by_name(tmp_path: Path) -> None:
     bad = write(tmp_path, "firewall/01.theirs", "add table inet x\n")
     os.chown(bad, 65534, 65534)
-    assert hooks.hook_files(tmp_path)[1] == [f"{bad}: refused: owned by uid 65534, not root"]
+    assert stages.hook_files(tmp_path)[1] == [f"{bad}: refused: owned by uid 65534, not root"]
 
 
 def test_a_link_is_refused_even_to_a_safe_file(tmp_path: Path) -> None:
@@ -80,7 +82,7 @@ def test_a_link_is_refused_even_to_a_safe_file(tmp_path: Path) -> None:
     link = tmp_path / "firewall" / "01.link"
     link.parent.mkdir(mode=0o755)
     link.symlink_to(target)
-    found, refused = hooks.hook_files(tmp_path)
+    found, refused = stages.hook_files(tmp_path)
     assert found == []
     assert refused == [f"{link}: refused: a symbolic link (to {target}); hooks must be files"]
 
@@ -94,7 +96,7 @@ def test_a_hook_directory_others_may_write_is_refused_whole(
     write(tmp_path, "routes/01.routes", "ip route replace 192.0.2.0/24 dev lan0\n")
     write(tmp_path, "post-run/01.ok", "true\n")
     (tmp_path / "routes").chmod(mode)
-    found, refused = hooks.hook_files(tmp_path)
+    found, refused = stages.hook_files(tmp_path)
     assert [f"{stage}/{path.name}" for stage, path in found] == ["post-run/01.ok"]
     assert refused == [
         f"{tmp_path / 'routes'}: refused: directory writable by group or others (mode {shown}); "
@@ -107,7 +109,7 @@ def test_a_configuration_directory_others_may_write_refuses_every_hook(tmp_path:
     write(root, "pre-run/01.ok", "true\n")
     write(root, "firewall/01.ok", "add table inet x\n")
     root.chmod(0o757)
-    found, refused = hooks.hook_files(root)
+    found, refused = stages.hook_files(root)
     assert found == []
     reason = (
         f"{root}: refused: directory writable by group or others (mode drwxr-xrwx); "
@@ -120,7 +122,7 @@ def test_a_configuration_directory_others_may_write_refuses_every_hook(tmp_path:
 def test_a_hook_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     write(tmp_path, "firewall/01.rules", "add table inet x\n")
     os.chown(tmp_path / "firewall", 65534, 65534)
-    assert hooks.hook_files(tmp_path) == (
+    assert stages.hook_files(tmp_path) == (
         [],
         [
             f"{tmp_path / 'firewall'}: refused: directory owned by uid 65534, not root; "
@@ -133,9 +135,9 @@ def test_refusals_are_logged_once_not_at_every_apply(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = write(tmp_path, "routes/01.open", "true\n", mode=0o666)
-    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks.stages"):
         for _ in range(3):
-            hooks.hook_files(tmp_path)
+            stages.hook_files(tmp_path)
     assert [r.getMessage() for r in caplog.records] == [
         f"{bad}: refused: writable by group or others (mode -rw-rw-rw-)"
     ]
@@ -148,7 +150,7 @@ def test_plain_lines_become_nft_lines_or_commands(config: Config, tmp_path: Path
         "# comment\n\nnft add table inet mine\nadd chain inet mine c\n",
     )
     write(tmp_path, "routes/01.routes", "ip route replace 192.0.2.0/24 dev lan0\n")
-    found = asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}))
+    found = asyncio.run(stages.load(config, FACTS, {"DSL", "LTE"}))
     assert [(line.line, line.text) for line in found.extras.nft_lines] == [
         (3, "add table inet mine"),
         (4, "add chain inet mine c"),
@@ -179,7 +181,7 @@ def test_python_hook_uses_the_balancer(config: Config, tmp_path: Path) -> None:
         )
         + "\n",
     )
-    found = asyncio.run(hooks.load(config, FACTS, {"LTE"}))
+    found = asyncio.run(stages.load(config, FACTS, {"LTE"}))
     forwards = [(f.port.first, str(f.host), f.host_port, f.proto) for f in found.extras.forwards]
     assert forwards == [
         (80, "192.168.10.35", None, "tcp"),
@@ -220,7 +222,7 @@ def test_python_hook_errors_name_file_and_line(
 ) -> None:
     path = write(tmp_path, "post-run/10.hook.py", source)
     with pytest.raises(HookError) as caught:
-        asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}))
+        asyncio.run(stages.load(config, FACTS, {"DSL", "LTE"}))
     assert (caught.value.path, caught.value.line) == (path, line)
     assert str(caught.value).startswith(f"{path}:{line}: ")
     assert fragment in str(caught.value)
@@ -228,7 +230,7 @@ def test_python_hook_errors_name_file_and_line(
 
 def test_perl_hook_is_refused_with_its_name(tmp_path: Path) -> None:
     perl = write(tmp_path, "firewall/02.accept.pl", "$B->forward(80 => '192.168.10.35');\n")
-    found, refused = hooks.hook_files(tmp_path)
+    found, refused = stages.hook_files(tmp_path)
     assert found == []
     assert refused == [f"{perl}: refused: Perl hooks are not run; port it to a .py hook with B"]
 
@@ -248,12 +250,12 @@ def test_dry_run_runs_no_python_hook_and_names_it(config: Config, tmp_path: Path
         f'open("{marker}", "w").close()\nB.forward(80, "192.168.10.35")\n',
     )
     write(tmp_path, "firewall/01.rules", "add table inet mine\n")
-    found = asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}, dry_run=True))
+    found = asyncio.run(stages.load(config, FACTS, {"DSL", "LTE"}, dry_run=True))
     assert not marker.exists()
     assert found.not_run == [str(hook)]
     assert found.extras.forwards == ()
     # Plain hook files only describe state; a dry run still shows them.
     assert [line.text for line in found.extras.nft_lines] == ["add table inet mine"]
 
-    applied = asyncio.run(hooks.load(config, FACTS, {"DSL", "LTE"}))
+    applied = asyncio.run(stages.load(config, FACTS, {"DSL", "LTE"}))
     assert marker.exists() and applied.not_run == [] and len(applied.extras.forwards) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from uplinkd.hops import ICMP_TIME_EXCEEDED, checksum, echo_request, parse_reply
+from uplinkd.monitor.hops import ICMP_TIME_EXCEEDED, checksum, echo_request, parse_reply
 
 
 def ip_header(payload_len: int) -> bytes:

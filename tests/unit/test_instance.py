@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from uplinkd import instance
+from uplinkd.runtime import instance
 
 HOLD = """
 import sys
 from pathlib import Path
-from uplinkd import instance
+from uplinkd.runtime import instance
 lock = instance.acquire("daemon", Path(sys.argv[1]))
 print("held", flush=True)
 sys.stdin.read()

@@ -14,11 +14,13 @@ import ipaddress
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from uplinkd import bus, ctl
-from uplinkd.backends.base import ApplyKind
-from uplinkd.backends.fake import FakeBackend
-from uplinkd.fastest import Entry, FastestResponse, LearnedDestination
-from uplinkd.status import Overall, Snapshot
+from uplinkd import ctl
+from uplinkd.datapath.backends.base import ApplyKind
+from uplinkd.publish import bus
+from uplinkd.publish.status import LearnedDestination, Overall, Snapshot
+from uplinkd.runtime.fastest import Entry, FastestResponse
+
+from tests.fakes.backend import FakeBackend
 
 from .test_fastest import WEB, Clock, plan
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from uplinkd import const
-from uplinkd.link import Link, LinkState, Transition
-from uplinkd.model import Monitor
+from uplinkd.config.model import Monitor
+from uplinkd.monitor.link import Link, LinkState, Transition
 
 GW = "192.0.2.1"
 A, B = "198.51.100.1", "203.0.113.1"

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from uplinkd import balanceconf, cli, ctl
+from uplinkd import cli, ctl
+from uplinkd.config import balanceconf
+from uplinkd.config.model import BANDWIDTH_METHODS, Config
+from uplinkd.config.tomlconf import parse_toml
 from uplinkd.errors import ConfigError
-from uplinkd.model import BANDWIDTH_METHODS, Config
-from uplinkd.tomlconf import parse_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "data" / "man"

@@ -5,16 +5,16 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from uplinkd import planner
-from uplinkd.measured import (
+from uplinkd.config.model import Config, LinkConfig, Method, Rule
+from uplinkd.planning import planner
+from uplinkd.planning.measured import (
     LinkMeasure,
     choose_least_used,
     choose_lowest_latency,
     choose_overflow,
     utilisation,
 )
-from uplinkd.model import Config, LinkConfig, Method, Rule
-from uplinkd.plan import UNREACHABLE, LinkFacts
+from uplinkd.planning.plan import UNREACHABLE, LinkFacts
 
 ISP1 = LinkConfig("ISP1", "wan1", priority=1, bandwidth_down_mbps=20, bandwidth_up_mbps=5)
 ISP2 = LinkConfig("ISP2", "wan2", priority=2, bandwidth_down_mbps=50, bandwidth_up_mbps=10)

@@ -9,8 +9,8 @@ import socket
 import struct
 
 import pytest
-from uplinkd import nflog
-from uplinkd.nflog import LoggedPacket, NflogListener, parse_messages
+from uplinkd.datapath import nflog
+from uplinkd.datapath.nflog import LoggedPacket, NflogListener, parse_messages
 
 A, B = ipaddress.IPv4Address("10.9.0.1"), ipaddress.IPv4Address("192.0.2.7")
 

@@ -14,9 +14,9 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 import pytest
-from uplinkd import nm
-from uplinkd.nm import NmDevice, parse_device, parse_terse, prefer_gateway, unescape
-from uplinkd.plan import LinkFacts
+from uplinkd.facts import nm
+from uplinkd.facts.nm import NmDevice, parse_device, parse_terse, prefer_gateway, unescape
+from uplinkd.planning.plan import LinkFacts
 
 CONNECTED = """GENERAL.DEVICE:wan1
 GENERAL.STATE:100 (connected)

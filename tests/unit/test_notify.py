@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from uplinkd.events import LinkEvent, ProbeCounters, TargetFigures
-from uplinkd.link import LinkState, Transition
-from uplinkd.model import MailSettings
-from uplinkd.notify import Mailer
+from uplinkd.config.model import MailSettings
+from uplinkd.hooks.events import LinkEvent, ProbeCounters, TargetFigures
+from uplinkd.monitor.link import LinkState, Transition
+from uplinkd.publish.mail import Mailer
 
 UP, DOWN = LinkState.UP, LinkState.DOWN
 
@@ -174,7 +174,7 @@ def test_rate_limit_counts_the_changes_over_it_and_lists_them_in_the_next_mail(
         mailer.notify(event(reason="change 14"))
         assert await mailer.drain(10)
 
-    with caplog.at_level(logging.INFO, logger="uplinkd.notify"):
+    with caplog.at_level(logging.INFO, logger="uplinkd"):
         asyncio.run(main())
     assert len(inbox.mails) == 12
     dsl = [body for body in inbox.bodies() if "Link DSL" in body]
@@ -204,7 +204,7 @@ def test_unreachable_server_logs_and_never_blocks(caplog: pytest.LogCaptureFixtu
         assert await mailer.drain(10)
         return took
 
-    with caplog.at_level(logging.INFO, logger="uplinkd.notify"):
+    with caplog.at_level(logging.INFO, logger="uplinkd"):
         took = asyncio.run(ticking(work, ticks))
     assert took < 0.1
     assert ticks[0] >= 5
@@ -232,7 +232,7 @@ def test_server_that_never_answers_times_out_while_the_loop_runs(
             assert await mailer.drain(10)
             return took
 
-        with caplog.at_level(logging.INFO, logger="uplinkd.notify"):
+        with caplog.at_level(logging.INFO, logger="uplinkd"):
             took = asyncio.run(ticking(work, ticks))
     assert took < 0.1
     assert ticks[0] >= 10  # about 50 in the half second the server kept it waiting
@@ -274,7 +274,7 @@ def test_failing_or_missing_sendmail_is_logged(
             mailer.notify(event())
             assert await mailer.drain(10)
 
-    with caplog.at_level(logging.WARNING, logger="uplinkd.notify"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd"):
         asyncio.run(main())
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [
@@ -386,7 +386,7 @@ def test_stop_kills_a_sendmail_that_hangs_with_what_it_started(
         await asyncio.sleep(0.5)
         return await mailer.drain(0.2)
 
-    with caplog.at_level(logging.WARNING, logger="uplinkd.notify"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd"):
         assert asyncio.run(main()) is False
     started = [int(pid) for pid in pids.read_text().split()]
     try:

@@ -8,11 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from uplinkd import planner
-from uplinkd.backends.fake import FakeBackend
-from uplinkd.backends.nftables import render, render_match
-from uplinkd.buckets import Weighted, assign, exact_bucket_count
-from uplinkd.model import (
+from uplinkd.config.model import (
     Config,
     Firewall,
     HashBy,
@@ -24,7 +20,12 @@ from uplinkd.model import (
     PortRange,
     Rule,
 )
-from uplinkd.plan import UNREACHABLE, LinkFacts, Selector
+from uplinkd.datapath.backends.nftables import render, render_match
+from uplinkd.planning import planner
+from uplinkd.planning.buckets import Weighted, assign, exact_bucket_count
+from uplinkd.planning.plan import UNREACHABLE, LinkFacts, Selector
+
+from tests.fakes.backend import FakeBackend
 
 IP = ipaddress.IPv4Address
 

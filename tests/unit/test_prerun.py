@@ -16,14 +16,17 @@ from typing import cast
 
 import pytest
 from pyroute2 import AsyncIPRoute
-from uplinkd import conntrack, const, hooks, routing
-from uplinkd.backends.base import ApplyKind
-from uplinkd.backends.fake import FakeBackend
-from uplinkd.coordinator import Coordinator
-from uplinkd.datapath import Datapath
-from uplinkd.link import LinkState
-from uplinkd.model import Config, LanConfig, LinkConfig
-from uplinkd.plan import HookLine, LinkFacts, Plan
+from uplinkd import const
+from uplinkd.config.model import Config, LanConfig, LinkConfig
+from uplinkd.datapath import conntrack, routing
+from uplinkd.datapath.apply import Datapath
+from uplinkd.datapath.backends.base import ApplyKind
+from uplinkd.hooks import stages
+from uplinkd.monitor.link import LinkState
+from uplinkd.planning.plan import HookLine, LinkFacts, Plan
+from uplinkd.runtime.coordinator import Coordinator
+
+from tests.fakes.backend import FakeBackend
 
 FACTS = {
     "DSL": LinkFacts(
@@ -80,9 +83,9 @@ def test_a_rebuild_waits_for_a_hanging_pre_run_line_and_a_failover_does_not(
         # A hook change that rebuilds, with a pre-run/ line that hangs.
         runner = coordinator.hook_runner
         line = HookLine("/h/firewall/01", 1, "add chain inet uplinkd mine")
-        pre_run = hooks.CommandLine("pre-run", "/h/pre-run/01", 1, HANGING)
+        pre_run = stages.CommandLine("pre-run", "/h/pre-run/01", 1, HANGING)
         extras = replace(runner.state.extras, nft_lines=(line,))
-        runner.state = hooks.Hooks(extras, [pre_run])
+        runner.state = stages.Hooks(extras, [pre_run])
         begin = time.monotonic()
         await asyncio.wait_for(coordinator._apply(), 0.5)  # the rebuild is left to pre-run/
         assert backend.state is not None and backend.state.structure == structure
@@ -124,8 +127,8 @@ def test_at_start_the_first_ruleset_goes_in_after_the_pre_run_lines(
         coordinator._ipr = NO_SOCKET
         coordinator.facts = dict(FACTS)
         coordinator._build_links({"DSL", "LTE"})
-        pre_run = hooks.CommandLine("pre-run", "/h/pre-run/01", 1, f"sleep 0.3; touch {ran}")
-        coordinator.hook_runner.state = hooks.Hooks(commands=[pre_run])
+        pre_run = stages.CommandLine("pre-run", "/h/pre-run/01", 1, f"sleep 0.3; touch {ran}")
+        coordinator.hook_runner.state = stages.Hooks(commands=[pre_run])
         assert await coordinator._apply() is None  # nothing in the kernel to keep meanwhile
         assert backend.applies == []
         report = await asyncio.wait_for(coordinator._rebuild_after_pre_run(), 10)

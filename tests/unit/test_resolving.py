@@ -1,4 +1,4 @@
-"""Probe target host names, resolved while the daemon runs (resolving.py, probing.py)."""
+"""Probe target host names, resolved while the daemon runs (monitor/resolver.py, probers.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from uplinkd import resolving
-from uplinkd.model import LinkConfig
-from uplinkd.probing import Probers, probe_targets
+from uplinkd.config.model import LinkConfig
+from uplinkd.monitor import resolver
+from uplinkd.monitor.probers import Probers, probe_targets
 
 ADDRESS = ipaddress.IPv4Address("203.0.113.10")
 
@@ -48,8 +48,8 @@ class Tasks:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(resolving, "RETRY_FIRST_S", 0.001)
-    monkeypatch.setattr(resolving, "RETRY_MAX_S", 0.004)
+    monkeypatch.setattr(resolver, "RETRY_FIRST_S", 0.001)
+    monkeypatch.setattr(resolver, "RETRY_MAX_S", 0.004)
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
@@ -112,11 +112,11 @@ def test_a_name_no_longer_configured_is_no_longer_retried() -> None:
 
     async def main() -> None:
         tasks = Tasks()
-        resolver = resolving.Resolver(
+        names = resolver.Resolver(
             tasks.spawn, lambda host: None, resolve=dns.resolve, wanted=wanted.__contains__
         )
         try:
-            assert resolver.address("gone.example") is None
+            assert names.address("gone.example") is None
             await wait_for(lambda: len(dns.asked) >= 2)
             wanted.clear()
             await wait_for(lambda: all(task.done() for task in tasks.tasks))
@@ -148,7 +148,7 @@ def test_resolution_runs_off_the_event_loop_and_times_out(monkeypatch: pytest.Mo
         task = asyncio.create_task(ticker())
         try:
             with pytest.raises(OSError, match=r"no answer within 0\.3 s"):
-                await resolving.resolve_ipv4("stuck.example", timeout=0.3)
+                await resolver.resolve_ipv4("stuck.example", timeout=0.3)
         finally:
             task.cancel()
             release.set()
@@ -158,5 +158,5 @@ def test_resolution_runs_off_the_event_loop_and_times_out(monkeypatch: pytest.Mo
 
 
 def test_the_real_resolver_answers_addresses_without_dns() -> None:
-    found = asyncio.run(resolving.resolve_ipv4("127.0.0.1"))
+    found = asyncio.run(resolver.resolve_ipv4("127.0.0.1"))
     assert found == ipaddress.IPv4Address("127.0.0.1")

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 from uplinkd import const
-from uplinkd.bus import BusError, BusService
-from uplinkd.events import Background, EventHooks
-from uplinkd.link import LinkState
-from uplinkd.model import MailSettings
-from uplinkd.notify import Mailer
-from uplinkd.publishing import Publisher
+from uplinkd.background import Background
+from uplinkd.config.model import MailSettings
+from uplinkd.hooks.events import EventHooks
+from uplinkd.monitor.link import LinkState
+from uplinkd.publish.bus import BusError, BusService
+from uplinkd.publish.mail import Mailer
+from uplinkd.publish.publisher import Publisher
 
 from .test_events import event, hook
 
@@ -46,7 +47,7 @@ def test_drain_does_not_wait_for_work_that_ignores_the_cut(
         finished = await background.drain(0.1)
         return finished, time.monotonic() - started
 
-    with caplog.at_level(logging.ERROR, logger="uplinkd.events"):
+    with caplog.at_level(logging.ERROR, logger="uplinkd.hooks.events"):
         finished, took = asyncio.run(asyncio.wait_for(main(), 10))
     assert not finished
     assert took < 0.1 + const.SHUTDOWN_CUT_S + 1.0, f"drain took {took:.1f} s"
@@ -66,7 +67,7 @@ def test_hooks_not_started_at_stop_are_named(
         await asyncio.sleep(0.2)
         return await hooks.drain(0.2)
 
-    with caplog.at_level(logging.WARNING, logger="uplinkd.events"):
+    with caplog.at_level(logging.WARNING, logger="uplinkd.hooks.events"):
         assert asyncio.run(main()) is False
     assert "10-hang: link DSL init -> up: killed at shutdown" in caplog.text
     assert "down.d hooks for link DSL up -> down not run: stopping" in caplog.text
@@ -164,7 +165,7 @@ def test_bus_connect_can_be_cut_and_leaves_nothing_open(
 
 STUCK_LOOKUP = r"""
 import asyncio, socket, sys, time
-from uplinkd import resolving
+from uplinkd.monitor import resolver
 
 def stuck(*args, **kwargs):  # a DNS server that never answers: glibc can block this long
     time.sleep(30)
@@ -174,7 +175,7 @@ socket.getaddrinfo = stuck
 
 async def main():
     try:
-        await resolving.resolve_ipv4("isp.example", timeout=0.2)
+        await resolver.resolve_ipv4("isp.example", timeout=0.2)
     except OSError as exc:
         print(exc, flush=True)
 
