@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 from ipaddress import IPv4Address
 
 from uplinkd.datapath.backends.base import AppliedState, ApplyKind, Learned, Transaction
-from uplinkd.datapath.backends.nftables import map_targets, structure_digest, up_link_ids
+from uplinkd.datapath.backends.nft_ruleset import map_targets, structure_digest, up_link_ids
 from uplinkd.errors import ApplyError
 from uplinkd.planning.plan import Plan
 

@@ -27,12 +27,12 @@ from uplinkd import const
 from uplinkd.errors import ConfigError, UplinkdError
 from uplinkd.monitor.link import LinkState, Transition
 from uplinkd.publish import bus as bus_module
-from uplinkd.publish.bus import (
+from uplinkd.publish.bus import BusService
+from uplinkd.publish.bus_api import (
     INTERNAL_MESSAGE,
     LINK_INTERFACE,
     MANAGER_INTERFACE,
     OBJECT_MANAGER_INTERFACE,
-    BusService,
     ErrorName,
     link_path,
 )

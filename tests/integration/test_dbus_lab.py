@@ -23,7 +23,7 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from uplinkd import const
-from uplinkd.publish.bus import LINK_INTERFACE, MANAGER_INTERFACE, link_path
+from uplinkd.publish.bus_api import LINK_INTERFACE, MANAGER_INTERFACE, link_path
 from uplinkd_lab.lab import Lab
 
 from .conftest import Uplinkd, first_line, needs_root, wait_until

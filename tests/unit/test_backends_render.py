@@ -24,8 +24,9 @@ from uplinkd.config.model import (
     PortRange,
     Rule,
 )
-from uplinkd.datapath.backends import iptables, nftables
-from uplinkd.datapath.backends.iptables import IptablesBackend, iptables_nft_tables, refuse_mark
+from uplinkd.datapath.backends import ipt_ruleset, iptables, nft_ruleset
+from uplinkd.datapath.backends.ipt_ruleset import refuse_mark
+from uplinkd.datapath.backends.iptables import IptablesBackend, iptables_nft_tables
 from uplinkd.errors import ApplyError, BackendUnavailableError, HookError
 from uplinkd.planning import planner
 from uplinkd.planning.plan import UNREACHABLE, HookLine, Plan, Selector
@@ -98,7 +99,7 @@ _NFT_SELECTORS = {
 
 
 def nft_facts(plan: Plan) -> Facts:
-    text = nftables.render(plan)
+    text = nft_ruleset.render(plan)
     found = Facts()
     for name, mark in re.findall(
         r'chain link_\d+ \{\n\t\tcomment "new connections via (\S+)"\n'
@@ -195,7 +196,7 @@ def _ipt_buckets(found: Facts, chains: dict[str, list[list[str]]]) -> None:
 
 
 def ipt_facts(plan: Plan) -> Facts:
-    chains = ipt_rules(iptables.render(plan))
+    chains = ipt_rules(ipt_ruleset.render(plan))
     found = Facts()
     for chain, rules in chains.items():
         if re.fullmatch(r"mangle/UPLINKD-1-L\d+", chain):
@@ -331,10 +332,10 @@ def test_rules_that_pick_alike_share_one_nftables_map() -> None:
         "rule_default": "rule_0_web",
     }
     owners = {"rule_0_web", "rule_1_sticky", "rule_4_pair", "rule_5_voip", "rule_7_other"}
-    assert set(nftables.map_targets(plan)) == owners
-    assert nftables.map_targets(plan)["rule_7_other"] == (3,)  # ISP2 is down
-    assert nftables.map_targets(plan)["rule_5_voip"] == (1,)
-    text = nftables.render(plan)
+    assert set(nft_ruleset.map_targets(plan)) == owners
+    assert nft_ruleset.map_targets(plan)["rule_7_other"] == (3,)  # ISP2 is down
+    assert nft_ruleset.map_targets(plan)["rule_5_voip"] == (1,)
+    text = nft_ruleset.render(plan)
     assert len(re.findall(r"^\tmap rule_", text, re.M)) == 5
     assert 'comment "rule web and 2 more"' in text
     assert len(re.findall(r"^add element inet uplinkd rule_", text, re.M)) == 5
@@ -385,7 +386,7 @@ _LISTABLE_KEYS = re.compile(
 @pytest.mark.parametrize("case", [*PLANS, "fastest", "every-method"])
 def test_every_set_and_map_is_declared_with_a_key_nft_can_list(case: str) -> None:
     plan = {**PLANS, "fastest": fastest, "every-method": every_method}[case]()
-    text = nftables.render(plan)
+    text = nft_ruleset.render(plan)
     declared = dict(re.findall(r"^\t(?:map|set) (\w+) \{\n\t\t(type[^\n]*)\n", text, re.M))
     assert declared and len(declared) == len(re.findall(r"^\t(?:map|set) ", text, re.M))
     assert "typeof jhash" not in text
@@ -412,7 +413,7 @@ def test_every_method_case_covers_each_method_and_hash() -> None:
 
 def test_iptables_chains_are_declared_named_within_limits_and_one_generation() -> None:
     for case in PLANS.values():
-        text = iptables.render(case())
+        text = ipt_ruleset.render(case())
         declared = set(re.findall(r"^:(\S+) ", text, re.M))
         used = set(re.findall(r"-[jg] (UPLINKD-\S+)", text))
         assert used <= declared
@@ -421,7 +422,7 @@ def test_iptables_chains_are_declared_named_within_limits_and_one_generation() -
 
 
 def test_iptables_cascade_probabilities_give_the_exact_shares() -> None:
-    chains = ipt_rules(iptables.render(weighted_three_one_down()))
+    chains = ipt_rules(ipt_ruleset.render(weighted_three_one_down()))
     (dispatch,) = (rules for name, rules in chains.items() if name.endswith("-D0"))
     left, shares = 1.0, {}
     for rule in dispatch:
@@ -436,11 +437,11 @@ def test_iptables_structure_is_independent_of_link_state() -> None:
     cfg = config({"ISP1": 1, "ISP2": 3})
     f = facts("ISP1", "ISP2")
     both, one = (planner.plan(cfg, f, up) for up in ({"ISP1", "ISP2"}, {"ISP2"}))
-    assert iptables.structure_digest(both) == iptables.structure_digest(one)
-    assert iptables.render(both) != iptables.render(one)
-    assert iptables.map_targets(one) == {"rule_default": (2,) * 12}
+    assert ipt_ruleset.structure_digest(both) == ipt_ruleset.structure_digest(one)
+    assert ipt_ruleset.render(both) != ipt_ruleset.render(one)
+    assert ipt_ruleset.map_targets(one) == {"rule_default": (2,) * 12}
     changed = planner.plan(config({"ISP1": 1, "ISP2": 2}), f, {"ISP1", "ISP2"})
-    assert iptables.structure_digest(changed) != iptables.structure_digest(both)
+    assert ipt_ruleset.structure_digest(changed) != ipt_ruleset.structure_digest(both)
 
 
 def test_refused_connections_have_their_own_mark_within_the_mask() -> None:
@@ -449,7 +450,7 @@ def test_refused_connections_have_their_own_mark_within_the_mask() -> None:
     cfg = config({"ISP1": 1, "ISP2": 1}, mark_mask=0x00000300)  # ids 1, 2 (3 is all-ones)
     plan = planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
     with pytest.raises(ApplyError, match="mark_mask"):
-        iptables.render(plan)
+        ipt_ruleset.render(plan)
 
 
 def test_iptables_backend_refuses_nftables_hook_lines() -> None:
@@ -534,7 +535,7 @@ def test_fastest_response_learns_in_nftables_before_its_weighted_buckets() -> No
     web = plan.dispatches[0]
     assert (web.cache_s, web.selector, web.buckets, web.live) == (120, Selector.RANDOM, 12, {1, 2})
     assert plan.dispatches[1].cache_s is None  # the default rule
-    text = nftables.render(plan)
+    text = nft_ruleset.render(plan)
     assert re.search(
         r"map fr_rule_0_web \{\n\t\ttype ipv4_addr : verdict\n\t\tsize 4096\n\t\tflags timeout\n",
         text,
@@ -550,7 +551,7 @@ def test_fastest_response_learns_in_nftables_before_its_weighted_buckets() -> No
         'meta l4proto tcp numgen random mod 12 vmap @rule_0_web comment "rule_0_web"',
     ]
     weighted_web = replace(plan, dispatches=(replace(web, cache_s=None), *plan.dispatches[1:]))
-    assert nftables.structure_digest(plan) != nftables.structure_digest(weighted_web)
+    assert nft_ruleset.structure_digest(plan) != nft_ruleset.structure_digest(weighted_web)
 
 
 def chain(text: str, name: str) -> list[str]:
@@ -562,7 +563,7 @@ def test_fastest_response_reports_only_what_the_forward_filters_let_through() ->
     """New destinations are reported after every forward filter (and for the router's own
     connections before classify), never from classify, which runs before the filters."""
     plan = fastest()
-    text = nftables.render(plan)
+    text = nft_ruleset.render(plan)
     assert "log prefix" not in "\n".join(chain(text, "classify"))
     assert chain(text, "fr_forward") == [
         "type filter hook forward priority filter + 100; policy accept;",
@@ -584,14 +585,14 @@ def test_fastest_response_reports_only_what_the_forward_filters_let_through() ->
         "ct state new jump classify"
     )
     weighted = planner.plan(config({"ISP1": 1, "ISP2": 3}), facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
-    assert "fr_report" not in nftables.render(weighted)
+    assert "fr_report" not in nft_ruleset.render(weighted)
 
 
 def test_a_rule_before_the_fastest_one_keeps_its_connections_unreported() -> None:
     mail = Rule("mail", Method.WEIGHTED, Match(proto="tcp", dport=(PortRange(25, 25),)))
     web = Rule("web", Method.FASTEST_RESPONSE, Match(), cache_seconds=120)
     cfg = config({"ISP1": 1, "ISP2": 1}, rules=(mail,), default=web)
-    text = nftables.render(planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"}))
+    text = nft_ruleset.render(planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"}))
     assert chain(text, "fr_report") == [
         "tcp dport 25 return",
         "ip daddr @fr_rule_default return",
@@ -611,13 +612,13 @@ def test_the_learned_map_and_the_pending_set_are_bounded_in_the_kernel() -> None
     )
     cfg = config({"ISP1": 1, "ISP2": 1}, rules=(web,))
     plan = planner.plan(cfg, facts("ISP1", "ISP2"), {"ISP1", "ISP2"})
-    text = nftables.render(plan)
+    text = nft_ruleset.render(plan)
     assert re.search(r"map fr_rule_0_web \{[^}]*\n\t\tsize 100\n", text)
     assert re.search(r"set frp_rule_0_web \{[^}]*\n\t\tsize 500\n", text)  # 50/s for 10 s
     slow = replace(plan.dispatches[0], races_per_second=1)
-    assert nftables.pending_size(slow) == nftables.PENDING_MIN == MAX_RACES
+    assert nft_ruleset.pending_size(slow) == nft_ruleset.PENDING_MIN == MAX_RACES
 
 
 def test_iptables_refuses_fastest_response() -> None:
     with pytest.raises(BackendUnavailableError, match="rule web: method 'fastest-response' needs"):
-        iptables.render(fastest())
+        ipt_ruleset.render(fastest())

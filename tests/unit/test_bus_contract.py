@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from dbus_fast import introspection as intr
 from uplinkd.errors import UplinkdError
-from uplinkd.publish import bus
+from uplinkd.publish import bus, bus_api
 from uplinkd.publish.status import LinkStatus, Overall, Snapshot
 
 CONTRACT = Path(__file__).resolve().parents[2] / "dbus" / "org.uplinkd.Uplinkd1.xml"
@@ -75,7 +75,7 @@ def normalised(xml_text: str) -> dict[str, Any]:
 def served_view(xml_text: str, *, link_object: bool = False) -> dict[str, Any]:
     """An object's introspection as the contract describes it. dbus-fast serves
     org.freedesktop.DBus.ObjectManager on every object; the contract puts it on the manager."""
-    ignored = ALWAYS_SERVED | ({bus.OBJECT_MANAGER_INTERFACE} if link_object else set())
+    ignored = ALWAYS_SERVED | ({bus_api.OBJECT_MANAGER_INTERFACE} if link_object else set())
     return {name: v for name, v in normalised(xml_text).items() if name not in ignored}
 
 
@@ -101,9 +101,9 @@ def _documented_elements() -> list[tuple[ET.Element, ET.Element | None]]:
 def test_contract_parses_as_introspection() -> None:
     node = intr.Node.parse(CONTRACT.read_text())
     assert {iface.name for iface in node.interfaces} == {
-        bus.MANAGER_INTERFACE,
-        bus.LINK_INTERFACE,
-        bus.OBJECT_MANAGER_INTERFACE,
+        bus_api.MANAGER_INTERFACE,
+        bus_api.LINK_INTERFACE,
+        bus_api.OBJECT_MANAGER_INTERFACE,
     }
 
 
@@ -123,10 +123,10 @@ def test_every_member_and_argument_is_documented() -> None:
 
 def test_every_error_is_documented() -> None:
     text = CONTRACT.read_text()
-    for error in bus.ErrorName:
+    for error in bus_api.ErrorName:
         assert re.search(rf"^\s+{re.escape(error.value)}\s+\w", text, re.M), error.value
     named = set(re.findall(r"org\.uplinkd\.Uplinkd1\.Error\.\w+", text))
-    assert named == {error.value for error in bus.ErrorName}
+    assert named == {error.value for error in bus_api.ErrorName}
 
 
 def _status(name: str) -> LinkStatus:
@@ -136,18 +136,20 @@ def _status(name: str) -> LinkStatus:
 def test_the_code_declares_the_contract() -> None:
     """Without a bus: what dbus-fast will serve, from the annotations, is the contract."""
     snapshot = Snapshot("0", "weighted", 0, Overall.ONLINE, (_status("ISP1"),))
-    manager = bus.ManagerInterface(bus.BusService(controller=None), snapshot)
-    served = [manager.introspect(), bus.LinkInterface(_status("ISP1")).introspect()]
+    manager = bus_api.ManagerInterface(bus.BusService(controller=None), snapshot)
+    served = [manager.introspect(), bus_api.LinkInterface(_status("ISP1")).introspect()]
     xml = intr.Node("/", interfaces=served).tostring()
-    assert normalised(xml) == contract(bus.MANAGER_INTERFACE, bus.LINK_INTERFACE)
+    assert normalised(xml) == contract(bus_api.MANAGER_INTERFACE, bus_api.LINK_INTERFACE)
 
 
 def test_published_values_have_the_declared_types() -> None:
-    link = bus.LinkInterface(_status("ISP1"))
+    link = bus_api.LinkInterface(_status("ISP1"))
     variants = link.variants()
     assert {name: v.signature for name, v in variants.items()} == {
         name: prop[0]
-        for name, prop in contract(bus.LINK_INTERFACE)[bus.LINK_INTERFACE]["properties"].items()
+        for name, prop in contract(bus_api.LINK_INTERFACE)[bus_api.LINK_INTERFACE][
+            "properties"
+        ].items()
     }
     assert variants["Since"].value == 1
     assert variants["LatencyMs"].value == -1.0
@@ -158,18 +160,20 @@ def test_manager_publishes_the_hook_problems() -> None:
     type; no problem is an empty list (GetStatus returns these same variants)."""
     problems = ("/etc/uplinkd/firewall/10.web.py:2: syntax error: invalid syntax", "x:1: exit 1")
     snapshot = Snapshot("0", "weighted", 0, Overall.ONLINE, (), hook_problems=problems)
-    manager = bus.ManagerInterface(bus.BusService(controller=None), snapshot)
+    manager = bus_api.ManagerInterface(bus.BusService(controller=None), snapshot)
     variants = manager.variants()
     assert {name: v.signature for name, v in variants.items()} == {
         name: prop[0]
-        for name, prop in contract(bus.MANAGER_INTERFACE)[bus.MANAGER_INTERFACE][
+        for name, prop in contract(bus_api.MANAGER_INTERFACE)[bus_api.MANAGER_INTERFACE][
             "properties"
         ].items()
     }
     assert variants["HookProblems"].value == list(problems)
     none = Snapshot("0", "weighted", 0, Overall.ONLINE, ())
     assert (
-        bus.ManagerInterface(bus.BusService(controller=None), none).variants()["HookProblems"].value
+        bus_api.ManagerInterface(bus.BusService(controller=None), none)
+        .variants()["HookProblems"]
+        .value
         == []
     )
 
@@ -189,14 +193,14 @@ def test_manager_publishes_the_hook_problems() -> None:
     ],
 )
 def test_object_path_label(name: str, label: str) -> None:
-    assert bus.object_path_label(name) == label
+    assert bus_api.object_path_label(name) == label
     assert re.fullmatch(r"[A-Za-z0-9_]+", label)
-    assert bus.link_path(name) == f"/org/uplinkd/Uplinkd1/link/{label}"
+    assert bus_api.link_path(name) == f"/org/uplinkd/Uplinkd1/link/{label}"
 
 
 def test_object_path_labels_never_collide() -> None:
     names = ["a-b", "a_b", "a_2db", "a_5fb", "ab", "a.b", "", "_", "1", "_31", "x1", "x_31"]
-    labels = [bus.object_path_label(name) for name in names]
+    labels = [bus_api.object_path_label(name) for name in names]
     assert len(set(labels)) == len(names)
     for label in labels:
         intr.Node.parse(f'<node name="/org/x/{label}"/>')  # a valid object path element

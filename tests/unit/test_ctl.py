@@ -13,7 +13,7 @@ import pytest
 import uplinkd
 from dbus_fast import Variant
 from uplinkd import ctl
-from uplinkd.publish import bus
+from uplinkd.publish import bus, bus_api
 from uplinkd.publish.status import LinkStatus, Overall, Snapshot
 
 NOW = 1_700_000_000.0
@@ -147,8 +147,8 @@ def test_status_shows_the_hook_problems_the_daemon_publishes() -> None:
     )
     for problems, expected in (((problem,), [f"hook problem: {problem}"]), ((), [])):
         snapshot = Snapshot("0.1.0", "weighted", 12, Overall.ONLINE, links, problems)
-        manager = bus.ManagerInterface(bus.BusService(controller=None), snapshot).variants()
-        link_values = [bus.LinkInterface(status).variants() for status in snapshot.links]
+        manager = bus_api.ManagerInterface(bus.BusService(controller=None), snapshot).variants()
+        link_values = [bus_api.LinkInterface(status).variants() for status in snapshot.links]
         status = ctl.unwrap_status([manager, link_values])
         lines = ctl.status_table(status, NOW).splitlines()
         assert lines[3:] == expected

@@ -16,7 +16,7 @@ from typing import Any
 
 from uplinkd import ctl
 from uplinkd.datapath.backends.base import ApplyKind
-from uplinkd.publish import bus
+from uplinkd.publish import bus, bus_api
 from uplinkd.publish.status import LearnedDestination, Overall, Snapshot
 from uplinkd.runtime.fastest import Entry, FastestResponse
 
@@ -50,8 +50,8 @@ class Controller:
 def get_learned(controller: Controller) -> Callable[[int, int], Any]:
     """The Manager's GetLearned handler (dbus-fast's wrapper gives its answer to the bus only)."""
     snapshot = Snapshot("0", "fastest-response", 0, Overall.ONLINE, ())
-    manager = bus.ManagerInterface(bus.BusService(controller=controller), snapshot)
-    handler = inspect.unwrap(bus.ManagerInterface.get_learned)
+    manager = bus_api.ManagerInterface(bus.BusService(controller=controller), snapshot)
+    handler = inspect.unwrap(bus_api.ManagerInterface.get_learned)
     return functools.partial(handler, manager)
 
 
@@ -59,7 +59,7 @@ def test_a_call_answers_one_page_however_large_the_table() -> None:
     controller = Controller(20_000)
     get = get_learned(controller)
     page, total = get(0, 0xFFFF_FFFF)
-    assert (len(page), total) == (bus.LEARNED_PAGE_MAX, 20_000)
+    assert (len(page), total) == (bus_api.LEARNED_PAGE_MAX, 20_000)
     assert page[0] == ("web", "198.51.100.0", "ISP1", 100)
     page, total = get(19_990, 10_000)
     assert [entry[1] for entry in page][-1] == str(FIRST + 19_999) and len(page) == 10
@@ -91,7 +91,7 @@ class PagingClient:
         assert (member, sig) == ("GetLearned", "uu")
         offset, limit = body
         self.calls.append((offset, limit))
-        end = offset + min(limit, bus.LEARNED_PAGE_MAX)
+        end = offset + min(limit, bus_api.LEARNED_PAGE_MAX)
         return [self.entries[offset:end], len(self.entries)]
 
 
@@ -102,4 +102,4 @@ def test_uplinkctl_learned_reads_every_page() -> None:
     assert client.calls == [(offset, 100) for offset in range(0, 1300, 100)]
     empty = PagingClient([])
     assert asyncio.run(ctl.all_learned(empty)) == []  # type: ignore[arg-type]
-    assert ctl.LEARNED_PAGE == bus.LEARNED_PAGE_MAX
+    assert ctl.LEARNED_PAGE == bus_api.LEARNED_PAGE_MAX

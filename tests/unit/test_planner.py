@@ -20,7 +20,7 @@ from uplinkd.config.model import (
     PortRange,
     Rule,
 )
-from uplinkd.datapath.backends.nftables import render, render_match
+from uplinkd.datapath.backends.nft_ruleset import render, render_match
 from uplinkd.planning import planner
 from uplinkd.planning.buckets import Weighted, assign, exact_bucket_count
 from uplinkd.planning.plan import UNREACHABLE, LinkFacts, Selector
