@@ -16,11 +16,9 @@ the failover during the flood.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,13 +27,19 @@ from uplinkd_lab.lab import Lab
 from tests.integration.privatebus import private_bus
 
 from .failover import TrialError, _require
-from .fault_kit import Case, Watched, carrier_trials, closed_case
+from .fault_kit import (
+    AS_NOBODY,
+    SYSTEM_PYTHON,
+    BusCallers,
+    Case,
+    Watched,
+    carrier_trials,
+    closed_case,
+)
 
 FLOODERS = 4
 MIN_CALLS = 2000
 MAX_SECONDS = 60.0
-SYSTEM_PYTHON = "/usr/bin/python3"
-AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 FLOODER = r"""
 import json, os, sys, time
@@ -79,55 +83,16 @@ print(json.dumps({"calls": calls, "outcomes": outcomes, "slowest_s": slowest}), 
 """
 
 
-class Flood:
+class Flood(BusCallers):
     """FLOODERS caller processes as nobody, until `stop` (bounded by MAX_SECONDS)."""
 
     def __init__(self, address: str, directory: Path) -> None:
-        self.stop_file = directory / "stop"
-        self.stop_file.unlink(missing_ok=True)
-        script = directory / "flooder.py"
-        script.write_text(FLOODER)
-        script.chmod(0o644)
-        argv = [*AS_NOBODY, SYSTEM_PYTHON, str(script), address, str(self.stop_file)]
-        self.procs = [
-            subprocess.Popen(
-                [*argv, str(MAX_SECONDS), str(-(-MIN_CALLS // FLOODERS))],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(FLOODERS)
-        ]
-        for proc in self.procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                self.stop()
-                raise TrialError("a flooder did not connect to the bus")
-        self.began = time.monotonic()
-        self.results: list[dict[str, object]] = []
-        self.seconds = 0.0
-
-    def stop(self) -> None:
-        self.stop_file.touch()
-        for proc in self.procs:
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate(timeout=10)
-            line = out.strip().splitlines()[-1:] if out else []
-            if line and line[0].startswith("{"):
-                self.results.append(json.loads(line[0]))
-            elif err.strip():
-                raise TrialError(f"flooder: {err.strip().splitlines()[-1]}")
-        self.seconds = time.monotonic() - self.began
-
-    def running(self) -> bool:
-        return all(proc.poll() is None for proc in self.procs)
+        args = (str(MAX_SECONDS), str(-(-MIN_CALLS // FLOODERS)))
+        super().__init__("flooder", FLOODER, address, directory, FLOODERS, args=args)
 
     @property
     def calls(self) -> int:
-        return sum(int(r["calls"]) for r in self.results)  # type: ignore[call-overload]
+        return sum(int(r["calls"]) for r in self.results)
 
 
 def _available() -> str:
@@ -170,9 +135,9 @@ def run(lab: Lab, tmp: Path, trials: int, log: Callable[[str], None]) -> list[Ca
                         calls += flood.calls
                         seconds += flood.seconds
                         for result in flood.results:
-                            for key, count in result["outcomes"].items():  # type: ignore[attr-defined]
+                            for key, count in result["outcomes"].items():
                                 outcomes[key] = outcomes.get(key, 0) + count
-                            slowest = max(slowest, float(result["slowest_s"]))  # type: ignore[arg-type]
+                            slowest = max(slowest, float(result["slowest_s"]))
                     closed_case(case, watched, since)
                     case.repeats += 1
                     text = watched.log_text

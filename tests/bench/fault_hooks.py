@@ -40,13 +40,20 @@ from uplinkd import const
 from uplinkd_lab.lab import Lab
 
 from .failover import TrialError
-from .fault_kit import Case, Watched, carrier_trials, closed_case, processes, wait_until
+from .fault_kit import (
+    AS_NOBODY,
+    Case,
+    Watched,
+    carrier_trials,
+    closed_case,
+    processes,
+    wait_until,
+)
 from .fault_process import reload_with
 from .monitors import LINKS
 
 # A rule more: the ruleset's structure changes, so a reload rebuilds it and runs routes/, post-run/.
 EXTRA_RULE = '\n[[rule]]\nname = "extra"\nmatch = { dport = [9] }\nmethod = "weighted"\n'
-AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 RECORD = '#!/bin/sh\necho "$0 $1 $2" >> {out}\n'
 NOBODY = "nobody:nogroup"
 # A configuration that holds an SMTP password (no link has warn_email: no mail is ever sent).

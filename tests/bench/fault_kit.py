@@ -10,11 +10,12 @@ failover time and failed attempts), with uplinkd's defaults in failover mode (IS
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from .churn_client import ChurnClient, Record
 from .failover import CLIENT, Trial, TrialError, _require, group_summary, one_fault
 from .monitors import LINKS
 
+# D-Bus callers run the distribution's python3 with dbus-python: `nobody` may run it (the
+# checkout's venv lies under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 # Two carrier losses per daemon at most: a third up->down within 60 s meets flap damping.
 TRIALS_PER_DAEMON = 2
 STOP_WAIT_S = 15.0  # SIGTERM to exit is measured; past this the daemon is killed (and it shows)
@@ -303,3 +308,62 @@ def closed_case(case: Case, watched: Watched | None, since: int = 0) -> Case:
         watched.stop()
         watched.into(case, since)
     return case
+
+
+class BusCallers:
+    """`count` processes running `script` on the bus at `address` (as `nobody` unless
+    `as_root`), with the arguments: address, the stop file, then `args`. Each prints "ready"
+    once connected, works until the stop file appears (or its own limit), and prints one JSON
+    line of results; stop() collects them."""
+
+    def __init__(
+        self,
+        what: str,
+        script: str,
+        address: str,
+        directory: Path,
+        count: int,
+        *,
+        args: Sequence[str] = (),
+        as_root: bool = False,
+    ) -> None:
+        directory.mkdir(exist_ok=True)
+        self.what = what
+        self.stop_file = directory / "stop"
+        self.stop_file.unlink(missing_ok=True)
+        path = directory / "caller.py"
+        path.write_text(script)
+        path.chmod(0o644)
+        user = () if as_root else AS_NOBODY
+        argv = [*user, SYSTEM_PYTHON, str(path), address, str(self.stop_file), *args]
+        self.procs = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(count)
+        ]
+        self.results: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        for proc in self.procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                self.stop()
+                raise TrialError(f"a {what} did not connect to the bus")
+        self.began = time.monotonic()
+
+    def running(self) -> bool:
+        return all(proc.poll() is None for proc in self.procs)
+
+    def stop(self) -> list[dict[str, Any]]:
+        self.stop_file.touch()
+        for proc in self.procs:
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate(timeout=10)
+            last = out.strip().splitlines()[-1:] if out else []
+            if last and last[0].startswith("{"):
+                self.results.append(json.loads(last[0]))
+            elif err.strip():
+                raise TrialError(f"{self.what}: {err.strip().splitlines()[-1]}")
+        self.seconds = time.monotonic() - getattr(self, "began", time.monotonic())
+        return self.results

@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import statistics
@@ -35,13 +34,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from uplinkd.publish.bus import ErrorName
+from uplinkd.publish.bus_api import ErrorName
 from uplinkd_lab.lab import BULK_PORT, INET_HOST, Lab, LabError
 
 from tests.integration.privatebus import private_bus
 
 from .failover import TrialError, _require
-from .fault_kit import Case, Load, Watched, carrier_trials, wait_until
+from .fault_kit import BusCallers, Case, Load, Watched, carrier_trials, wait_until
 from .monitors import LINKS
 
 STREAM_MBIT = 50
@@ -53,7 +52,6 @@ BUS_RELOADS = 50
 RELOADERS = 2  # callers calling Reload at once during the carrier-loss trials
 RELOADER_MAX_S = 60.0
 UP_AGAIN_S = 15.0  # a link a reload added back is up again within this
-SYSTEM_PYTHON = "/usr/bin/python3"
 RELOAD_FAILED = ErrorName.RELOAD_FAILED.value
 # (name, carrier changes, seconds between them): fast flapping, where the link never stays up
 # long enough to be taken back (5 replies in a row at 200 ms), and slow flapping, where it does
@@ -190,7 +188,8 @@ def reload_with(watched: Watched, text: str, timeout: float = 10.0) -> tuple[int
 RELOADER = r"""
 import json, os, sys, time
 import dbus, dbus.bus
-address, count, stop_file, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+address, stop_file, count, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+stop_file = "" if count else stop_file  # a counted run makes its count
 NAME, PATH = "org.uplinkd.Uplinkd1", "/org/uplinkd/Uplinkd1"
 MANAGER = NAME + ".Manager"
 bus = dbus.bus.BusConnection(address)
@@ -220,42 +219,20 @@ class Reloaders:
     stop(). Their results are merged: outcomes, error messages, reply times."""
 
     def __init__(self, address: str, directory: Path, count: int = 0, callers: int = 1) -> None:
-        directory.mkdir(exist_ok=True)
-        self.stop_file = directory / "stop"
-        self.stop_file.unlink(missing_ok=True)
-        script = directory / "reloader.py"
-        script.write_text(RELOADER)
-        until = "" if count else str(self.stop_file)
-        argv = [SYSTEM_PYTHON, str(script), address, str(count), until, str(RELOADER_MAX_S)]
-        self.procs = [
-            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(callers)
-        ]
         self.outcomes: dict[str, int] = {}
         self.errors: list[str] = []
         self.replies_s: list[float] = []
         self.began: list[float] = []
-        for proc in self.procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                self.stop()
-                raise TrialError("a Reload caller did not connect to the bus")
+        args = (str(count), str(RELOADER_MAX_S))
+        self._callers = BusCallers(
+            "Reload caller", RELOADER, address, directory, callers, args=args, as_root=True
+        )
 
     def running(self) -> bool:
-        return all(proc.poll() is None for proc in self.procs)
+        return self._callers.running()
 
     def stop(self) -> Reloaders:
-        self.stop_file.touch()
-        for proc in self.procs:
-            try:
-                out, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate(timeout=10)
-            last = out.strip().splitlines()[-1:] if out else []
-            if not (last and last[0].startswith("{")):
-                raise TrialError(f"Reload caller: {err.strip().splitlines()[-1:]}")
-            result = json.loads(last[0])
+        for result in self._callers.stop():
             for key, n in result["outcomes"].items():
                 self.outcomes[key] = self.outcomes.get(key, 0) + n
             self.errors += result["errors"]

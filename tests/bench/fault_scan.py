@@ -51,8 +51,8 @@ from tests.integration.privatebus import private_bus
 from tests.integration.test_fastest_response import SCAN, SCAN_NET, count_races, learned, raced
 
 from .failover import TrialError, _require
-from .fault_bus import AS_NOBODY, SYSTEM_PYTHON, _available
-from .fault_kit import Case, Watched, carrier_trials, closed_case, wait_until
+from .fault_bus import _available
+from .fault_kit import BusCallers, Case, Watched, carrier_trials, closed_case, wait_until
 from .monitors import LINKS
 
 SCAN_COUNT = 5000
@@ -312,51 +312,12 @@ def not_global_case(lab: Lab, tmp: Path) -> Case:
     return case
 
 
-class Callers:
+class Callers(BusCallers):
     """`count` processes as nobody reading every page of GetLearned, until `stop`."""
 
     def __init__(self, address: str, directory: Path, count: int) -> None:
-        self.stop_file = directory / "stop"
-        self.stop_file.unlink(missing_ok=True)
-        script = directory / "caller.py"
-        script.write_text(CALLER)
-        script.chmod(0o644)
-        argv = [*AS_NOBODY, SYSTEM_PYTHON, str(script), address, str(self.stop_file)]
-        self.procs = [
-            subprocess.Popen(
-                [*argv, str(CALLER_SECONDS)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(count)
-        ]
-        for proc in self.procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                self.stop()
-                raise TrialError("a GetLearned caller did not connect to the bus")
-        self.began = time.monotonic()
-        self.results: list[dict[str, object]] = []
-        self.seconds = 0.0
-
-    def running(self) -> bool:
-        return all(proc.poll() is None for proc in self.procs)
-
-    def stop(self) -> None:
-        self.stop_file.touch()
-        for proc in self.procs:
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate(timeout=10)
-            line = out.strip().splitlines()[-1:] if out else []
-            if line and line[0].startswith("{"):
-                self.results.append(json.loads(line[0]))
-            elif err.strip():
-                raise TrialError(f"GetLearned caller: {err.strip().splitlines()[-1]}")
-        self.seconds = time.monotonic() - self.began
+        args = (str(CALLER_SECONDS),)
+        super().__init__("GetLearned caller", CALLER, address, directory, count, args=args)
 
 
 def table_case(lab: Lab, tmp: Path, trials: int, callers: int) -> Case:
@@ -397,10 +358,10 @@ def table_case(lab: Lab, tmp: Path, trials: int, callers: int) -> Case:
                             calling.stop()
                         seconds += calling.seconds
                         for result in calling.results:
-                            calls += int(result["calls"])  # type: ignore[call-overload]
-                            slowest = max(slowest, float(result["slowest_s"]))  # type: ignore[arg-type]
-                            largest = max(largest, int(result["largest_total"]))  # type: ignore[call-overload]
-                            for name, count in result["errors"].items():  # type: ignore[attr-defined]
+                            calls += int(result["calls"])
+                            slowest = max(slowest, float(result["slowest_s"]))
+                            largest = max(largest, int(result["largest_total"]))
+                            for name, count in result["errors"].items():
                                 errors[name] = errors.get(name, 0) + count
                     closed_case(case, watched, since)
                     case.repeats += 1
