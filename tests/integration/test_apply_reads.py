@@ -106,3 +106,64 @@ def test_iptables_reads_back_once_per_apply(lab2: Lab) -> None:
     for step in ("first", "down", "same", "restart", "after"):
         assert seen[step]["reads"] == ["read_back"], (step, seen)  # before: 3
     assert [seen[step]["kind"] for step in ("first", "down", "same")] == ["full", "maps", "none"]
+
+
+ROUTING = r"""
+import asyncio, ipaddress, json, subprocess, sys, tempfile
+from pathlib import Path
+from pyroute2 import AsyncIPRoute
+from uplinkd.config import loading
+from uplinkd.datapath.apply import Datapath
+from uplinkd.datapath.backends import get_backend
+from uplinkd.facts import discovery
+from uplinkd.planning import planner
+
+text = sys.argv[1]
+
+def ours():
+    shown = subprocess.run(["ip", "-4", "route", "show", "table", "all", "proto", "213"],
+                           capture_output=True, text=True, check=True).stdout
+    rules = subprocess.run(["ip", "-4", "rule", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    return sorted(shown.splitlines()), [r for r in rules.splitlines() if "proto 213" in r]
+
+async def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "uplinkd.toml"
+        path.write_text(text)
+        config = loading.load(path)
+    names = {link.name for link in config.links}
+    async with AsyncIPRoute() as ipr:
+        facts, _ = await discovery.discover(ipr, config.links)
+        def plan(up):
+            return planner.plan(config, facts, up, planner.Extras())
+        datapath = Datapath(get_backend("nftables"))
+        steps = []
+        for up in (names, names - {"ISP1"}, {"ISP1"}, names):
+            report = await datapath.apply(ipr, plan(up))
+            steps.append([report.routing.routes_added, report.routing.routes_removed, ours()])
+        fresh = Datapath(get_backend("nftables"))  # the last plan put in by a full sync
+        await fresh.remove(ipr)
+        await fresh.apply(ipr, plan(names))
+        whole = ours()
+        await fresh.remove(ipr)
+    print(json.dumps({"steps": steps, "whole": whole}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_link_state_change_writes_only_the_routes_that_move(lab2: Lab) -> None:
+    """After the first apply, a link state change writes the routes that differ (table base+0
+    follows the first link up: ISP2 alone, ISP1 alone, both again) without reading every route
+    back, and leaves the kernel as a whole sync would (a first version left a stale connected
+    route in table 200: its delete did not match)."""
+    text = TWO_LINKS.format(w1=1, w2=1)
+    done = lab2.run(lab2.ns_router, sys.executable, "-c", ROUTING, text)
+    seen = json.loads(done.stdout)
+    first, *changes = seen["steps"]
+    assert first[0] >= 6  # the first apply put every route in
+    # Table 200 moves to the first link up: its connected route and default route, and the
+    # old connected route goes when the subnet differs.
+    assert [(added, removed) for added, removed, _ in changes] == [(2, 1), (2, 1), (0, 0)]
+    assert changes[-1][2] == seen["whole"]  # what a full sync of the same plan leaves

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -435,6 +435,75 @@ async def sync(ipr: AsyncIPRoute, plan: Plan) -> RoutingChanges:
         if await _delete_route(ipr, route):
             changes.routes_removed += 1
     return changes
+
+
+async def device_indexes(ipr: AsyncIPRoute) -> dict[str, int]:
+    """Device name -> ifindex, as the kernel has them now."""
+    return await _device_indexes(ipr)
+
+
+def changes_from(old: Plan, new: Plan) -> bool:
+    """Whether `new`'s routing can be reached from `old`'s by changes inside uplinkd's own
+    tables alone (no foreign route to look out for): what sync_from needs."""
+    if old.tables != new.tables:
+        return False
+    before = {(r.table, r.dst): r for r in old.routes}
+    after = {(r.table, r.dst): r for r in new.routes}
+    moved = [key for key in before.keys() | after.keys() if before.get(key) != after.get(key)]
+    return all(table in new.tables for table, _ in moved)
+
+
+async def sync_from(
+    ipr: AsyncIPRoute, old: Plan, new: Plan, devices: Mapping[str, int]
+) -> RoutingChanges:
+    """Bring the kernel from `old`'s routing, known to be in place whole, to `new`'s, writing
+    only what differs (a link state change: table base+0 follows the first link up) and reading
+    nothing back. Same order as sync. A refusal is raised: the caller falls back to sync."""
+    changes = RoutingChanges()
+    before = {(r.table, r.dst): r for r in old.routes}
+    for spec in ordered_routes(new.routes):
+        if before.get((spec.table, spec.dst)) != spec:
+            await _replace_known(ipr, spec, devices)
+            changes.routes_added += 1
+    old_rules = {canonical_rule(r) for r in old.rules}
+    new_rules = {canonical_rule(r) for r in new.rules}
+    changes.rules_added = await _rules_known(ipr, "add", new_rules - old_rules, errno.EEXIST)
+    changes.rules_removed = await _rules_known(ipr, "del", old_rules - new_rules, errno.ENOENT)
+    after = {(r.table, r.dst) for r in new.routes}
+    gone = [r for r in old.routes if (r.table, r.dst) not in after]
+    for spec in sorted(gone, key=lambda r: r.gateway is None):  # via a gateway first
+        oif = devices.get(spec.device)
+        if oif is None:  # its device went, and its routes with it
+            continue
+        try:
+            await ipr.route("del", **_route_args(spec, oif))
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:
+                raise _failure(f"route del {route_text(spec)}", exc) from exc
+            continue  # already gone
+        changes.routes_removed += 1
+    return changes
+
+
+async def _rules_known(ipr: AsyncIPRoute, verb: str, rules: set[RuleSpec], harmless: int) -> int:
+    """Add or delete these rules in priority order (`harmless`: the error meaning it is done)."""
+    for rule in sorted(rules, key=lambda r: r.priority):
+        try:
+            await ipr.rule(verb, **_rule_args(rule))
+        except NetlinkError as exc:
+            if exc.code != harmless:
+                raise _failure(f"rule {verb} {rule_text(rule)}", exc) from exc
+    return len(rules)
+
+
+async def _replace_known(ipr: AsyncIPRoute, spec: RouteSpec, devices: Mapping[str, int]) -> None:
+    oif = devices.get(spec.device)
+    if oif is None:
+        raise ApplyError(f"route {route_text(spec)}: device does not exist")
+    try:
+        await ipr.route("replace", **_route_args(spec, oif))
+    except NetlinkError as exc:
+        raise _failure(f"route {route_text(spec)}", exc) from exc
 
 
 NUD_INCOMPLETE = 0x01

@@ -153,6 +153,7 @@ class Coordinator:
         usable = self.usable()
         self.probers.stop()
         self.config = config
+        self.datapath.routes_may_have_changed()
         try:
             await self._discover()
             kept = {name: link for name, link in self.links.items() if name in self._names()}
@@ -256,6 +257,7 @@ class Coordinator:
 
     def _on_net(self, event: NetEvent) -> None:
         now = self.clock()
+        self.datapath.routes_may_have_changed()  # a device, address or route moved
         if event.kind is EventKind.CARRIER and event.device is not None:
             for name in self._links_on(event.device):
                 self._handle(self.links[name].carrier(bool(event.carrier), now))
@@ -324,6 +326,7 @@ class Coordinator:
             owed = self._pending.forget or any(x.routes_missing for x in refused)
             if owed and now >= next_route_retry:
                 next_route_retry = now + const.APPLY_RETRY_S
+                self.datapath.routes_may_have_changed()
                 self._schedule()
 
     def _devices(self) -> set[str]:
