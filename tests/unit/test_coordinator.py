@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from pyroute2 import AsyncIPRoute
-from uplinkd.config.model import Config, LanConfig, LinkConfig
+from uplinkd.config.model import Config
 from uplinkd.datapath import conntrack
 from uplinkd.datapath.backends import ApplyKind
 from uplinkd.datapath.backends.base import Transaction
@@ -25,7 +24,9 @@ from tests.fakes.backend import FakeBackend
 from tests.fakes.facts import FixedFacts
 from tests.fakes.probers import SilentProbers
 
-from .test_prerun import FACTS, NetfilterOnly
+from .test_prerun import FACTS, NetfilterOnly, config
+
+__all__ = ["config"]  # the fixture
 
 NO_SOCKET = cast(AsyncIPRoute, object())  # FixedFacts and NetfilterOnly never use it
 
@@ -44,16 +45,6 @@ class RefusingBackend(FakeBackend):
             raise ApplyError("nftables refused the transaction (nothing was applied): test")
 
         return Transaction(prepared.kind, _commit=refused)
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return Config(
-        path=tmp_path / "uplinkd.toml",
-        format="toml",
-        links=(LinkConfig("DSL", "wan1"), LinkConfig("LTE", "wan2")),
-        lans=(LanConfig("LAN", "lan0"),),
-    )
 
 
 @pytest.fixture(autouse=True)
