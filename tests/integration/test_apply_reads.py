@@ -25,11 +25,12 @@ import ipaddress, json, sys, tempfile
 from pathlib import Path
 from uplinkd.config import loading as loader
 from uplinkd.planning import planner
-from uplinkd.datapath.backends import get_backend
+from uplinkd.datapath.backends import get_backend, ipt_ruleset, nft_ruleset
 from uplinkd.datapath.backends.base import Learned
 from uplinkd.planning.plan import LinkFacts
 
 backend_name, text, learned = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ruleset = {"nftables": nft_ruleset, "iptables": ipt_ruleset}
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "uplinkd.toml"
     path.write_text(text)
@@ -62,7 +63,10 @@ def apply(backend, up):
     plan = planner.plan(config, facts, up, planner.Extras())
     transaction = backend.prepare(plan)
     transaction.check()
-    return {"kind": str(transaction.commit()), "reads": list(reads)}
+    kind = str(transaction.commit())
+    held = get_backend(backend_name).read_back()  # read afresh: what the kernel holds now
+    wanted = ruleset[backend_name].map_targets(plan)
+    return {"kind": kind, "reads": list(reads), "holds_the_plan": held.maps == wanted}
 
 backend = spied(get_backend(backend_name))
 out = {"first": apply(backend, names)}
@@ -91,6 +95,7 @@ def applies(
 def test_nftables_reads_its_state_set_alone_whatever_was_learned(lab2: Lab) -> None:
     state = ["list set inet uplinkd uplinkd_state"]
     seen = applies(lab2, "nftables", learned=4000)
+    assert all(step.pop("holds_the_plan") for step in seen.values()), seen  # maps as planned
     assert seen["first"] == {"kind": "full", "reads": state}  # no table yet: rebuilt
     assert seen["down"] == {"kind": "maps", "reads": state}  # before: 6 listings of everything
     assert seen["same"] == {"kind": "none", "reads": state}
@@ -105,6 +110,7 @@ def test_iptables_reads_back_once_per_apply(lab2: Lab) -> None:
     seen = applies(lab2, "iptables", learned=0, text=TWO_LINKS.format(w1=1, w2=1))
     for step in ("first", "down", "same", "restart", "after"):
         assert seen[step]["reads"] == ["read_back"], (step, seen)  # before: 3
+        assert seen[step]["holds_the_plan"], (step, seen)
     assert [seen[step]["kind"] for step in ("first", "down", "same")] == ["full", "maps", "none"]
 
 

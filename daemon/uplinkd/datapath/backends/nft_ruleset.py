@@ -9,7 +9,7 @@ half-built ruleset and conntrack marks of live flows are kept.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ... import const
 from ...config.model import Match, Nat
@@ -394,15 +394,43 @@ def up_link_ids(plan: Plan) -> frozenset[int]:
     return frozenset(link.id for link in plan.links if link.up)
 
 
-def element_commands(plan: Plan, dispatches: Iterable[Dispatch], *, flush: bool) -> str:
-    """Map contents, and the ids of the links up, kept in the state set for a restart to adopt."""
+def element_commands(plan: Plan, dispatches: Iterable[Dispatch]) -> str:
+    """Map contents of a new table, and the ids of the links up, kept in the state set for a
+    restart to adopt."""
+    lines = [
+        f"add element {TABLE} {dispatch.name} {{ {_elements(dispatch)} }}"
+        for dispatch in dispatches
+    ]
+    if up := sorted(up_link_ids(plan)):
+        lines.append(f"add element {TABLE} {STATE_SET} {{ {', '.join(map(str, up))} }}")
+    return "".join(line + "\n" for line in lines)
+
+
+def element_updates(
+    plan: Plan, dispatches: Iterable[Dispatch], held: Mapping[str, tuple[int, ...]]
+) -> str:
+    """A map update from what the maps hold (`held`, by map name): only the buckets whose link
+    changed are deleted and added again (a link going down moves its own buckets alone, an
+    eighth of an 8-link map); the rest stay. The state set is written whole."""
     lines = []
     for dispatch in dispatches:
-        if flush:
+        before = held.get(dispatch.name)
+        if before is None or len(before) != len(dispatch.targets):
             lines.append(f"flush map {TABLE} {dispatch.name}")
-        lines.append(f"add element {TABLE} {dispatch.name} {{ {_elements(dispatch)} }}")
-    if flush:
-        lines.append(f"flush set {TABLE} {STATE_SET}")
+            lines.append(f"add element {TABLE} {dispatch.name} {{ {_elements(dispatch)} }}")
+            continue
+        moved = [
+            b
+            for b, (old, new) in enumerate(zip(before, dispatch.targets, strict=True))
+            if old != new
+        ]
+        if not moved:
+            continue
+        keys = ", ".join(map(str, moved))
+        items = ", ".join(f"{b} : goto {link_chain(dispatch.targets[b])}" for b in moved)
+        lines.append(f"delete element {TABLE} {dispatch.name} {{ {keys} }}")
+        lines.append(f"add element {TABLE} {dispatch.name} {{ {items} }}")
+    lines.append(f"flush set {TABLE} {STATE_SET}")
     if up := sorted(up_link_ids(plan)):
         lines.append(f"add element {TABLE} {STATE_SET} {{ {', '.join(map(str, up))} }}")
     return "".join(line + "\n" for line in lines)
@@ -416,6 +444,6 @@ def render(plan: Plan) -> str:
         "# replaces it); other tables are not touched.\n"
         f"table {TABLE}\ndelete table {TABLE}\n"
         + table_text(plan)
-        + element_commands(plan, owners(plan.dispatches), flush=False)
+        + element_commands(plan, owners(plan.dispatches))
         + hook_text(plan.nft_hook_lines)
     )

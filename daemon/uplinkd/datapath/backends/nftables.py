@@ -22,7 +22,7 @@ from .nft_ruleset import (
     NO_LINK_CHAIN,
     STATE_SET,
     TABLE,
-    element_commands,
+    element_updates,
     learned_map,
     link_chain,
     map_targets,
@@ -119,7 +119,7 @@ class NftablesBackend:
         changed = [d for d in owners(plan.dispatches) if maps.get(d.name) != d.targets]
         if not changed and up == up_link_ids(plan):
             return Transaction(ApplyKind.NONE)
-        text = element_commands(plan, changed, flush=True)
+        text = element_updates(plan, changed, maps)
         return Transaction(ApplyKind.MAPS, _commit=lambda: self._commit(text, plan, digest))
 
     def _held(self, digest: str) -> tuple[dict[str, tuple[int, ...]], frozenset[int]] | None:
