@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,41 @@ def test_a_reload_that_changes_the_backend_is_refused_naming_it(uplinkd: Uplinkd
     )
     assert daemon.running
     assert uplinkd.kernel_state() == state
+
+
+# NetworkManager's answer stands in for nmcli's (tests/integration/test_networkmanager.py runs
+# the real one; NetworkManager 1.42 reports the gateway of the kernel's default route, so a lab
+# cannot make the two differ): the rest, discovery through netlink and planning, is real.
+NM_SAYS = r"""
+import asyncio, ipaddress, sys
+from pathlib import Path
+from pyroute2 import AsyncIPRoute
+from uplinkd.config import loading
+from uplinkd.facts import nm
+from uplinkd.runtime import daemon
+
+async def device_facts(devices):
+    return {d: nm.NmDevice(d, nm.STATE_ACTIVATED, "ISP1-wired", (),
+                           ipaddress.IPv4Address("10.0.1.254")) for d in devices if d == "wan1"}
+
+nm.device_facts = device_facts
+
+async def main():
+    config = loading.load(Path(sys.argv[1]))
+    async with AsyncIPRoute() as ipr:
+        prepared = await daemon.prepare(ipr, config)
+    print({fact.name: str(fact.gateway) for fact in prepared.facts})
+
+asyncio.run(main())
+"""
+
+
+def test_dry_run_and_once_take_networkmanagers_gateway_as_the_daemon_does(
+    uplinkd: Uplinkd, lab2: Lab
+) -> None:
+    """Where NetworkManager runs a link and names another gateway than the kernel's routes,
+    -d and --once plan with NetworkManager's, as the daemon does (before: the kernel's, so -d
+    could show a gateway the daemon would not use)."""
+    config = uplinkd.write_config(TWO_LINKS.format(w1=1, w2=1))
+    done = lab2.run(lab2.ns_router, sys.executable, "-c", NM_SAYS, str(config))
+    assert done.stdout.strip() == "{'ISP1': '10.0.1.254', 'ISP2': '10.0.2.1'}", done.stderr
