@@ -71,20 +71,20 @@ def sampled(limit: int, budget: float) -> Iterator[int]:
 
 async def _measure(path: Path, reps: int, full_reps: int, budget: float) -> dict[str, object]:
     from pyroute2 import AsyncIPRoute  # noqa: PLC0415 - the worker alone needs the daemon's modules
-    from uplinkd.config import loading as loader  # noqa: PLC0415
+    from uplinkd.config import loading  # noqa: PLC0415
     from uplinkd.datapath.apply import Datapath  # noqa: PLC0415
     from uplinkd.datapath.backends import ApplyKind, NftablesBackend  # noqa: PLC0415
     from uplinkd.facts import discovery  # noqa: PLC0415
     from uplinkd.hooks import stages  # noqa: PLC0415
     from uplinkd.planning import planner  # noqa: PLC0415
 
-    config = loader.load(path)
+    config = loading.load(path)
     bigger = path.with_name("bigger.toml")
     bigger.write_text(
         path.read_text() + '\n[[rule]]\nname = "extra"\nmatch = { dport = [9] }\n'
         'method = "weighted"\n'
     )
-    config_b = loader.load(bigger)
+    config_b = loading.load(bigger)
     names = {link.name for link in config.links}
     datapath = Datapath(NftablesBackend())
     timings: dict[str, list[float]] = {"plan_s": [], "apply_s": [], "rebuild_s": []}

@@ -23,7 +23,7 @@ CONFIG = TWO_LINKS.format(w1=1, w2=1) + '\n[default]\nmethod = "fastest-response
 WORKER = r"""
 import ipaddress, json, sys, tempfile
 from pathlib import Path
-from uplinkd.config import loading as loader
+from uplinkd.config import loading
 from uplinkd.planning import planner
 from uplinkd.datapath.backends import get_backend, ipt_ruleset, nft_ruleset
 from uplinkd.datapath.backends.base import Learned
@@ -34,7 +34,7 @@ ruleset = {"nftables": nft_ruleset, "iptables": ipt_ruleset}
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "uplinkd.toml"
     path.write_text(text)
-    config = loader.load(path)
+    config = loading.load(path)
 facts = [
     LinkFacts(link.name, link.device, ipaddress.IPv4Interface(f"10.0.{i}.2/24"),
               ipaddress.IPv4Address(f"10.0.{i}.1"))

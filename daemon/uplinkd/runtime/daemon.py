@@ -19,7 +19,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 
 from .. import const
-from ..config import loading as config_loader
+from ..config import loading
 from ..config.model import Config
 from ..config.validate import same_name
 from ..datapath.apply import Datapath
@@ -59,7 +59,7 @@ class Prepared:
 
 
 def load_config(path: Path, services: Sequence[str] = ()) -> Config:
-    config = config_loader.load(path)
+    config = loading.load(path)
     service_names(config, services)
     return config
 
