@@ -178,6 +178,8 @@ def test_reloads_over_d_bus_and_sighup_are_logged_and_follow_the_links(
     config = uplinkd.write_config(two, "balance.conf")
     with private_bus() as bus:
         daemon = uplinkd.start(config, bus_address=bus.address)
+        # The first apply comes before the bus name is taken.
+        assert daemon.log.wait_for("on the system bus as", 10), daemon.log.text
         assert wait_until(lambda: bus_links(bus.address) == {"ISP1", "ISP2"}, 10)
 
         config.write_text(two + "LAN lan0 lan\n")  # a LAN named twice
