@@ -227,7 +227,8 @@ async def _routes(ipr: AsyncIPRoute) -> list[KernelRoute]:
     return [_kernel_route(msg) async for msg in await ipr.route("dump", family=socket.AF_INET)]
 
 
-async def _device_indexes(ipr: AsyncIPRoute) -> dict[str, int]:
+async def device_indexes(ipr: AsyncIPRoute) -> dict[str, int]:
+    """Device name -> ifindex, as the kernel has them now."""
     return {msg.get_attr("IFLA_IFNAME"): int(msg["index"]) async for msg in await ipr.link("dump")}
 
 
@@ -364,7 +365,7 @@ async def _place_routes(
     holds in their place is kept, and the device is named in `changes.failed`. The other
     devices' routes go in regardless, so one link's device never blocks the others.
     """
-    devices = await _device_indexes(ipr)
+    devices = await device_indexes(ipr)
     wanted: dict[tuple[int, IPv4Network], RouteSpec] = {}
     for spec in ordered_routes(plan.routes):
         if (spec.table, spec.dst) in wanted:
@@ -435,11 +436,6 @@ async def sync(ipr: AsyncIPRoute, plan: Plan) -> RoutingChanges:
         if await _delete_route(ipr, route):
             changes.routes_removed += 1
     return changes
-
-
-async def device_indexes(ipr: AsyncIPRoute) -> dict[str, int]:
-    """Device name -> ifindex, as the kernel has them now."""
-    return await _device_indexes(ipr)
 
 
 def changes_from(old: Plan, new: Plan) -> bool:
@@ -517,7 +513,7 @@ async def flush_unresolved_neighbours(ipr: AsyncIPRoute, device: str) -> int:
     once the carrier is back, the next packet waits for the next ARP retransmission, up to a
     second (retrans_time_ms). Without the entry, the next packet asks at once.
     """
-    devices = await _device_indexes(ipr)
+    devices = await device_indexes(ipr)
     index = devices.get(device)
     if index is None:
         return 0
